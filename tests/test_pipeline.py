@@ -1,0 +1,234 @@
+"""End to end: a real Celery worker process, a real Redis and the simulator over HTTP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from kombu import Connection, Exchange
+from kombu import Producer as KombuProducer
+
+from tests.conftest import PROJECT, Sim, Worker
+from worker.processes import free_port, wait_until
+from worker.producer import Producer
+from worker.scrape import by_label
+
+DELETIONS = "vbs_deleter_deletions_total"
+
+
+@pytest.fixture
+def raw_app(redis_url: str) -> Iterator[Celery]:
+    """A bare Celery app for sending tasks that break the contract."""
+    app = Celery("raw", broker=redis_url, set_as_current=False)
+    app.conf.update(task_serializer="json")
+    yield app
+    app.close()
+
+
+def outcomes(worker: Worker) -> dict[str, float]:
+    return by_label(worker.metrics(), DELETIONS, "outcome")
+
+
+def test_each_outcome_in_one_batch(sim: Sim, start_worker: Callable[..., Worker], producer: Producer) -> None:
+    ok = sim.seed(3)
+    blocked = sim.seed(backups=[{"undeletable": True}])
+    missing = str(uuid.uuid4())
+    worker = start_worker(sim)
+    producer.delete_backups(PROJECT, [*ok, *blocked, missing], request_id="batch-1")
+    samples = worker.wait_for_deletions(5)
+    assert by_label(samples, DELETIONS, "outcome") == {"accepted": 3, "already_gone": 1, "failed": 1}
+    failures = {k: v for k, v in samples.items() if k[0] == "vbs_deleter_deletion_failures_total" and v}
+    assert failures == {
+        ("vbs_deleter_deletion_failures_total", (("error_code", "VolumeBackup.0113"), ("status", "400"))): 1.0
+    }
+    stats = sim.stats()
+    assert stats["accepted"] == 3 and stats["max_accepted_per_backup"] == 1
+    assert "request_id=batch-1" in worker.log() and blocked[0] in worker.log()
+
+
+@pytest.mark.parametrize("status", [408, 503, 504])
+def test_retried_statuses_then_success(
+    status: int, start_sim: Callable[..., Sim], start_worker: Callable[..., Worker], producer: Producer
+) -> None:
+    sim = start_sim("--fault-rate", "1", "--fault-statuses", str(status))
+    backup = sim.seed(1)[0]
+    worker = start_worker(sim, VBS_MAX_ATTEMPTS="50", VBS_BACKOFF_BASE="0.1", VBS_BACKOFF_MAX="0.2")
+    producer.delete_backup(PROJECT, backup)
+    reason = f"status_{status}"
+    wait_until(lambda: worker.count("vbs_deleter_retries_total", reason=reason) >= 2, 30, "two retries")
+    sim.configure(fault_rate=0.0)
+    worker.wait_for_deletions(1)
+    assert outcomes(worker) == {"accepted": 1}
+    assert sim.stats()["accepted"] == 1
+
+
+def test_retries_exhausted_fail_with_status(
+    start_sim: Callable[..., Sim], start_worker: Callable[..., Worker], producer: Producer
+) -> None:
+    sim = start_sim("--fault-rate", "1", "--fault-statuses", "503")
+    backup = sim.seed(1)[0]
+    worker = start_worker(sim, VBS_MAX_ATTEMPTS="3")
+    producer.delete_backup(PROJECT, backup)
+    samples = worker.wait_for_deletions(1)
+    assert by_label(samples, DELETIONS, "outcome") == {"failed": 1}
+    assert by_label(samples, "vbs_deleter_retries_total", "reason") == {"status_503": 2}
+    assert by_label(samples, "vbs_deleter_deletion_failures_total", "status") == {"503": 1}
+    assert sim.stats()["requests"]["delete"] == 3
+
+
+def test_ghost_504_is_already_gone_on_retry(
+    start_sim: Callable[..., Sim], start_worker: Callable[..., Worker], producer: Producer
+) -> None:
+    sim = start_sim("--ghost-rate", "1")
+    ids = sim.seed(5)
+    worker = start_worker(sim)
+    producer.delete_backups(PROJECT, ids)
+    samples = worker.wait_for_deletions(5)
+    assert by_label(samples, DELETIONS, "outcome") == {"already_gone": 5}
+    assert by_label(samples, "vbs_deleter_retries_total", "reason") == {"status_504": 5}
+    stats = sim.stats()
+    assert (stats["accepted"], stats["deleted_more_than_once"], stats["ghosts_injected"]) == (5, 0, 5)
+
+
+def test_throttled_requests_wait_and_succeed(
+    start_sim: Callable[..., Sim], start_worker: Callable[..., Worker], producer: Producer
+) -> None:
+    sim = start_sim("--rate-limit", "20", "--rate-burst", "5", "--retry-after", "1")
+    ids = sim.seed(20)
+    worker = start_worker(sim)
+    started = time.monotonic()
+    producer.delete_backups(PROJECT, ids)
+    samples = worker.wait_for_deletions(20)
+    assert by_label(samples, DELETIONS, "outcome") == {"accepted": 20}
+    throttled = by_label(samples, "vbs_deleter_retries_total", "reason")["throttled"]
+    assert throttled == sim.stats()["statuses"]["429"]
+    assert throttled >= 1 and time.monotonic() - started >= 1.0  # Retry-After: 1 was waited out
+
+
+def test_timeouts_are_retried(
+    start_sim: Callable[..., Sim], start_worker: Callable[..., Worker], producer: Producer
+) -> None:
+    sim = start_sim("--latency", "1.0")
+    backup = sim.seed(1)[0]
+    worker = start_worker(sim, VBS_READ_TIMEOUT="0.2", VBS_MAX_ATTEMPTS="50")
+    producer.delete_backup(PROJECT, backup)
+    wait_until(
+        lambda: worker.count("vbs_deleter_retries_total", reason="timeout") >= 1, 20, "a timeout retry"
+    )
+    sim.configure(latency=0.0)
+    worker.wait_for_deletions(1)
+    # the timed-out attempt may have deleted the backup before its answer was lost: accepted or gone
+    assert sum(outcomes(worker).values()) == 1 and "failed" not in outcomes(worker)
+    assert sim.stats()["deleted_more_than_once"] == 0
+
+
+def test_connection_refused_is_retried_then_fails(
+    start_worker: Callable[..., Worker], producer: Producer
+) -> None:
+    worker = start_worker(None, VBS_ENDPOINT=f"http://127.0.0.1:{free_port()}", VBS_MAX_ATTEMPTS="3")
+    producer.delete_backup(PROJECT, str(uuid.uuid4()))
+    samples = worker.wait_for_deletions(1)
+    assert by_label(samples, DELETIONS, "outcome") == {"failed": 1}
+    assert by_label(samples, "vbs_deleter_retries_total", "reason") == {"connection": 2}
+    assert by_label(samples, "vbs_deleter_deletion_failures_total", "status") == {"none": 1}
+
+
+@pytest.mark.parametrize("api", ["native-v2", "native-v3"])
+def test_native_modes(api: str, sim: Sim, start_worker: Callable[..., Worker], producer: Producer) -> None:
+    ids = sim.seed(2)
+    worker = start_worker(sim, VBS_API=api)
+    producer.delete_backups(PROJECT, [*ids, str(uuid.uuid4())])
+    samples = worker.wait_for_deletions(3)
+    assert by_label(samples, DELETIONS, "outcome") == {"accepted": 2, "already_gone": 1}
+    assert by_label(samples, "vbs_deleter_http_requests_total", "status") == {"202": 2, "404": 1}
+
+
+def test_token_is_sent(
+    start_sim: Callable[..., Sim], start_worker: Callable[..., Worker], producer: Producer
+) -> None:
+    sim = start_sim("--token", "tok-123")
+    ids = sim.seed(2)
+    good = start_worker(sim, VBS_AUTH_TOKEN="tok-123")
+    producer.delete_backup(PROJECT, ids[0])
+    assert by_label(good.wait_for_deletions(1), DELETIONS, "outcome") == {"accepted": 1}
+    good.child.stop()
+    bad = start_worker(sim, VBS_AUTH_TOKEN="wrong")
+    producer.delete_backup(PROJECT, ids[1])
+    samples = bad.wait_for_deletions(1)
+    assert by_label(samples, "vbs_deleter_deletion_failures_total", "error_code") == {"APIG.0301": 1}
+    assert "wrong" not in bad.log() and "tok-123" not in bad.log()
+
+
+BAD_TASKS: list[tuple[str, tuple[Any, ...], dict[str, Any], str]] = [
+    ("vbs.delete_backup", (), {"project_id": PROJECT}, "missing_kwargs"),
+    (
+        "vbs.delete_backup",
+        (),
+        {"project_id": PROJECT, "backup_id": str(uuid.uuid4()), "x": 1},
+        "extra_kwargs",
+    ),
+    ("vbs.delete_backup", (), {"project_id": PROJECT, "backup_id": "../../etc"}, "bad_format"),
+    ("vbs.delete_backup", (), {"project_id": 7, "backup_id": str(uuid.uuid4())}, "wrong_type"),
+    ("vbs.delete_backup", (PROJECT, str(uuid.uuid4())), {}, "positional_args"),
+    ("vbs.delete_backups", (), {"project_id": PROJECT, "backup_ids": []}, "empty_value"),
+    (
+        "vbs.delete_backups",
+        (),
+        {"project_id": PROJECT, "backup_ids": [str(uuid.uuid4())] * 1001},
+        "too_many_ids",
+    ),
+]
+
+
+def test_bad_tasks_are_rejected_without_http_and_the_worker_goes_on(
+    sim: Sim,
+    start_worker: Callable[..., Worker],
+    producer: Producer,
+    raw_app: Celery,
+    queue: str,
+    redis_url: str,
+) -> None:
+    worker = start_worker(sim)
+    for name, args, kwargs, _ in BAD_TASKS:
+        raw_app.send_task(name, args=args, kwargs=kwargs, queue=queue)
+    with Connection(redis_url) as conn:  # a pickled task: must never be executed
+        KombuProducer(conn).publish(
+            {"evil": True},
+            routing_key=queue,
+            exchange=Exchange(queue),
+            serializer="pickle",
+            headers={"task": "vbs.delete_backup", "id": str(uuid.uuid4()), "lang": "py"},
+        )
+    good = sim.seed(1)
+    producer.delete_backup(PROJECT, good[0])
+    samples = worker.wait_for_deletions(1)
+    wait_until(
+        lambda: worker.count("vbs_deleter_rejected_tasks_total") >= len(BAD_TASKS),
+        20,
+        "all rejections counted",
+    )
+    expected: dict[str, float] = {}
+    for *_, reason in BAD_TASKS:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert by_label(worker.metrics(), "vbs_deleter_rejected_tasks_total", "reason") == expected
+    assert by_label(samples, DELETIONS, "outcome") == {"accepted": 1}
+    assert sim.stats()["requests"]["delete"] == 1
+    assert worker.child.process.poll() is None
+
+
+def test_demo_invariant() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "demo", "--count", "300"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "deleted more than once  0" in result.stdout
+    assert "deletable left behind   0" in result.stdout

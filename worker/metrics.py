@@ -1,0 +1,69 @@
+"""Every Prometheus metric of the worker, defined in one place. Labels are bounded by construction.
+
+Label values come from small fixed sets (outcomes, reasons, operations) or are passed through
+:func:`bounded_code` / :func:`status_label`, so a misbehaving server cannot create unbounded series.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "vbs_deleter"
+_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.]{0,39}")
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+HTTP_REQUESTS = Counter(
+    f"{PREFIX}_http_requests",
+    "HTTP attempts to VBS by operation and answer status (status 'none' when no answer arrived).",
+    ["operation", "status"],
+    registry=REGISTRY,
+)
+REQUEST_DURATION = Histogram(
+    f"{PREFIX}_http_request_duration_seconds",
+    "Time from sending a request to VBS to reading its whole answer, seconds.",
+    ["operation"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    f"{PREFIX}_http_requests_in_flight", "Requests to VBS sent and not yet answered.", registry=REGISTRY
+)
+DELETIONS = Counter(
+    f"{PREFIX}_deletions",
+    "Deletions finished, by outcome: accepted, already_gone or failed.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+FAILURES = Counter(
+    f"{PREFIX}_deletion_failures",
+    "Failed deletions by the last HTTP status ('none' when no answer) and VBS error code ('none' if absent).",
+    ["status", "error_code"],
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    f"{PREFIX}_retries",
+    "Attempts repeated after a transient error or throttling, by reason (status_503, timeout, throttled...).",
+    ["reason"],
+    registry=REGISTRY,
+)
+REJECTED_TASKS = Counter(
+    f"{PREFIX}_rejected_tasks",
+    "Tasks refused by contract validation, by reason; no HTTP call was made for them.",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+
+def status_label(status: int) -> str:
+    """HTTP status as a label; 0 (no answer) becomes 'none'."""
+    return str(status) if 100 <= status <= 599 else "none"
+
+
+def bounded_code(code: str | None) -> str:
+    """An error code as a label: a plausible code is kept, anything else folds into 'other'/'none'."""
+    if code is None:
+        return "none"
+    return code if _CODE.fullmatch(code) else "other"

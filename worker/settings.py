@@ -1,0 +1,129 @@
+"""One typed settings object, read from defaults, an optional TOML file and ``VBS_*`` environment variables.
+
+Precedence: field defaults < the TOML file named by ``VBS_CONFIG`` < ``VBS_<NAME>`` environment variables.
+An unknown key or an invalid value raises :class:`SettingsError` naming the setting, so a worker with a typo
+in its configuration stops at start instead of running with a default the operator did not mean.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_PREFIX = "VBS_"
+CONFIG_FILE_VARIABLE = "VBS_CONFIG"
+
+ApiMode = Literal["cloudbackups", "native-v2", "native-v3"]
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or invalid; the message names it as ``VBS_<NAME>``."""
+
+
+class Settings(BaseModel):
+    """Every knob of the worker. Durations are seconds, rates are requests per second."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and shared-state store")
+    queue: str = Field("vbs.deletions", min_length=1, description="Celery queue the tasks arrive on")
+    endpoint: str = Field("http://127.0.0.1:8780", description="VBS base URL (scheme, host, optional port)")
+    api: ApiMode = Field("cloudbackups", description="delete call: cloudbackups, native-v2 or native-v3")
+    auth_token: SecretStr | None = Field(None, description="static token sent as X-Auth-Token")
+    verify_tls: bool = Field(True, description="verify the endpoint's TLS certificate")
+
+    concurrency: int = Field(64, ge=1, le=4096, description="HTTP requests in flight per worker process")
+    connect_timeout: float = Field(5.0, gt=0, description="TCP/TLS connect timeout, seconds")
+    read_timeout: float = Field(30.0, gt=0, description="timeout for each read of the answer, seconds")
+
+    max_attempts: int = Field(5, ge=1, le=100, description="HTTP attempts per deletion for transient errors")
+    retry_statuses: frozenset[int] = Field(
+        frozenset({408, 503, 504}), description="HTTP statuses retried with backoff (comma-separated)"
+    )
+    backoff_base: float = Field(0.5, gt=0, description="first backoff ceiling, seconds (doubles per attempt)")
+    backoff_max: float = Field(30.0, gt=0, description="largest backoff ceiling, seconds")
+    retry_after_max: float = Field(60.0, gt=0, description="cap on an honoured Retry-After, seconds")
+    max_throttle_waits: int = Field(
+        30, ge=0, description="429 answers waited out per deletion before failing"
+    )
+
+    metrics_host: str = Field("0.0.0.0", description="address of the /metrics listener")
+    metrics_port: int = Field(9808, ge=0, le=65535, description="port of /metrics; 0 picks a free one")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log threshold")
+    log_format: Literal["text", "json"] = Field("text", description="text lines or one JSON object a line")
+
+    @field_validator("retry_statuses", mode="before")
+    @classmethod
+    def _split_statuses(cls, value: object) -> object:
+        """Accept ``"408,503,504"`` from the environment as well as a TOML list."""
+        if isinstance(value, str):
+            return frozenset(int(part) for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("retry_statuses")
+    @classmethod
+    def _statuses_are_http_errors(cls, value: frozenset[int]) -> frozenset[int]:
+        bad = sorted(code for code in value if not 400 <= code <= 599 or code in (404, 429))
+        if bad:
+            raise ValueError(f"only 4xx/5xx other than 404 and 429 can be retried, got {bad}")
+        return value
+
+    @field_validator("auth_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        """An empty secret means "not set", so a blank line in a file sends no header."""
+        return None if value == "" else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    return ENV_PREFIX + field.upper()
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise SettingsError(f"{CONFIG_FILE_VARIABLE}: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{CONFIG_FILE_VARIABLE}: {path} is not valid TOML: {exc}") from None
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from ``environ`` (default ``os.environ``); :class:`SettingsError` on any fault."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = environ.get(CONFIG_FILE_VARIABLE)
+    if config_file:
+        for key, value in _read_file(Path(config_file)).items():
+            if key not in Settings.model_fields:
+                raise SettingsError(
+                    f"unknown setting {key!r} in {config_file} (environment: {env_name(key)})"
+                )
+            values[key] = value
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_VARIABLE:
+            continue
+        field = name[len(ENV_PREFIX) :].lower()
+        if field not in Settings.model_fields:
+            raise SettingsError(f"unknown setting {name}")
+        values[field] = value
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{env_name(str(error['loc'][0])) if error['loc'] else 'settings'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None
