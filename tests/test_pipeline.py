@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -205,15 +206,24 @@ def test_bad_tasks_are_rejected_without_http_and_the_worker_goes_on(
             serializer="pickle",
             headers={"task": "vbs.delete_backup", "id": str(uuid.uuid4()), "lang": "py"},
         )
+        KombuProducer(conn).publish(  # JSON that does not parse
+            b"[[], {not json",
+            routing_key=queue,
+            exchange=Exchange(queue),
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers={"task": "vbs.delete_backup", "id": str(uuid.uuid4()), "lang": "py"},
+        )
+    raw_app.send_task("vbs.drop_all_backups", kwargs={"project_id": PROJECT}, queue=queue)
     good = sim.seed(1)
     producer.delete_backup(PROJECT, good[0])
     samples = worker.wait_for_deletions(1)
     wait_until(
-        lambda: worker.count("vbs_deleter_rejected_tasks_total") >= len(BAD_TASKS),
+        lambda: worker.count("vbs_deleter_rejected_tasks_total") >= len(BAD_TASKS) + 3,
         20,
         "all rejections counted",
     )
-    expected: dict[str, float] = {}
+    expected: dict[str, float] = {"disallowed_content": 1, "undecodable": 1, "unknown_task": 1}
     for *_, reason in BAD_TASKS:
         expected[reason] = expected.get(reason, 0) + 1
     assert by_label(worker.metrics(), "vbs_deleter_rejected_tasks_total", "reason") == expected
@@ -232,3 +242,62 @@ def test_demo_invariant() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "deleted more than once  0" in result.stdout
     assert "deletable left behind   0" in result.stdout
+
+
+def test_kombu_producer_example(
+    sim: Sim, start_worker: Callable[..., Worker], redis_url: str, queue: str
+) -> None:
+    """The README's producer that does not import the worker package."""
+    ids = sim.seed(3)
+    worker = start_worker(sim)
+    subprocess.run(
+        [sys.executable, "deploy/examples/kombu_producer.py", redis_url, queue, PROJECT, *ids],
+        check=True,
+        timeout=30,
+    )
+    assert by_label(worker.wait_for_deletions(3), DELETIONS, "outcome") == {"accepted": 3}
+    assert "request_id=kombu-example-" in worker.log()
+
+
+def test_plain_celery_command_runs_the_worker(
+    sim: Sim, redis_url: str, queue: str, producer: Producer, tmp_path: Any
+) -> None:
+    """`celery -A worker worker` uses the threads pool and the same engine."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "VBS_REDIS_URL": redis_url,
+        "VBS_ENDPOINT": sim.url,
+        "VBS_METRICS_PORT": str(port),
+        "VBS_METRICS_HOST": "127.0.0.1",
+    }
+    log = (tmp_path / "celery.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", queue, "--without-gossip"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        worker = Worker(
+            __import__("worker.processes", fromlist=["Child"]).Child(process, f"http://127.0.0.1:{port}")
+        )
+        ids = sim.seed(2)
+        producer.delete_backups(PROJECT, ids)
+        wait_until(lambda: worker.count(DELETIONS) >= 2, 60, "two deletions")
+        assert by_label(worker.metrics(), DELETIONS, "outcome") == {"accepted": 2}
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_bad_setting_stops_the_worker_at_start(redis_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "worker"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "VBS_REDIS_URL": redis_url, "VBS_CONCURENCY": "8", "VBS_MAX_ATTEMPTS": "many"},
+    )
+    assert result.returncode == 2
+    assert "VBS_CONCURENCY" in result.stderr

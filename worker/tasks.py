@@ -10,6 +10,7 @@ import threading
 from typing import Any
 
 from celery import Celery, signals
+from celery.worker.consumer import Consumer
 
 from worker import logs, metrics
 from worker.contract import DELETE_BACKUP, DELETE_BACKUPS, InvalidTask, validate
@@ -37,9 +38,29 @@ def make_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_consumer="worker.tasks:RecordingConsumer",
         enable_utc=True,
     )
     return app
+
+
+class RecordingConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer, also counting the task messages whose body does not decode (broken JSON)."""
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        metrics.REJECTED_TASKS.labels("undecodable").inc()
+        super().on_decode_error(message, exc)
+
+
+@signals.task_unknown.connect
+def _count_unknown_task(**_: Any) -> None:
+    metrics.REJECTED_TASKS.labels("unknown_task").inc()
+
+
+@signals.task_rejected.connect
+def _count_refused_message(exc: Exception | None = None, **_: Any) -> None:
+    """Celery refused a message: not a task message at all, or content it may not decode (pickle)."""
+    metrics.REJECTED_TASKS.labels("unknown_message" if exc is None else "disallowed_content").inc()
 
 
 settings = load_settings()
