@@ -59,7 +59,7 @@ def test_retried_statuses_then_success(
 ) -> None:
     sim = start_sim("--fault-rate", "1", "--fault-statuses", str(status))
     backup = sim.seed(1)[0]
-    worker = start_worker(sim, VBS_MAX_ATTEMPTS="50", VBS_BACKOFF_BASE="0.1", VBS_BACKOFF_MAX="0.2")
+    worker = start_worker(sim, VBS_MAX_ATTEMPTS="50", VBS_BACKOFF_BASE="0.1", VBS_BACKOFF_MAX="0.2", VBS_VISIBILITY_TIMEOUT="9000")
     producer.delete_backup(PROJECT, backup)
     reason = f"status_{status}"
     wait_until(lambda: worker.count("vbs_deleter_retries_total", reason=reason) >= 2, 30, "two retries")
@@ -117,7 +117,7 @@ def test_timeouts_are_retried(
 ) -> None:
     sim = start_sim("--latency", "1.0")
     backup = sim.seed(1)[0]
-    worker = start_worker(sim, VBS_READ_TIMEOUT="0.2", VBS_MAX_ATTEMPTS="50")
+    worker = start_worker(sim, VBS_READ_TIMEOUT="0.2", VBS_MAX_ATTEMPTS="50", VBS_VISIBILITY_TIMEOUT="9000")
     producer.delete_backup(PROJECT, backup)
     wait_until(
         lambda: worker.count("vbs_deleter_retries_total", reason="timeout") >= 1, 20, "a timeout retry"

@@ -1,11 +1,17 @@
-"""``vbs-deleter`` subcommands: worker, simulate, demo."""
+"""``vbs-deleter`` subcommands: worker, simulate, demo, status, dlq."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import asdict
 
-from worker.settings import SettingsError, load_settings
+import redis
+
+from worker import ledger
+from worker.contract import MAX_BATCH
+from worker.settings import Settings, SettingsError, load_settings
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -35,6 +41,80 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        raise SystemExit(f"vbs-deleter: {exc}") from None
+
+
+def _status(args: argparse.Namespace) -> int:
+    client = redis.Redis.from_url(_settings_or_exit().redis_url)
+    records = ledger.read_record(client, args.backup_id, args.project)
+    if args.json:
+        print(json.dumps(records, indent=2, sort_keys=True))
+    elif not records:
+        print(f"no ledger record for {args.backup_id}")
+    for record in [] if args.json else records:
+        print("\n".join(f"{key:16} {value}" for key, value in sorted(record.items())) + "\n")
+    return 0 if records else 1
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    client = redis.Redis.from_url(settings.redis_url)
+    letters = ledger.dead_letters(client)
+    if args.dlq_command == "list":
+        if args.json:
+            print(json.dumps([asdict(letter) for letter in letters], indent=2))
+            return 0
+        print(f"{len(letters)} dead letter(s)")
+        for letter in letters:
+            what = f"{letter.project_id}/{letter.backup_id}" if letter.kind == "deletion" else letter.entry_id
+            print(
+                f"  {what}  {letter.reason}  status={letter.status} code={letter.error_code} "
+                f"attempts={letter.attempts} request_id={letter.request_id} {letter.message or ''}"
+            )
+        return 0
+    if args.dlq_command == "purge":
+        print(f"purged {ledger.purge_dead_letters(client)} dead letter(s)")
+        return 0
+    return _replay(settings, client, letters, args)
+
+
+def _replay(
+    settings: Settings, client: redis.Redis, letters: list[ledger.DeadLetter], args: argparse.Namespace
+) -> int:
+    """Re-enqueue dead-lettered deletions (rejected tasks cannot be replayed: they broke the contract)."""
+    from worker.producer import Producer
+
+    if not args.all and not args.backup_ids:
+        raise SystemExit("vbs-deleter dlq replay: give --all or BACKUP_ID ...")
+    wanted = set(args.backup_ids)
+    chosen = [
+        letter for letter in letters if letter.kind == "deletion" and (args.all or letter.backup_id in wanted)
+    ]
+    unknown = wanted - {letter.backup_id for letter in chosen}
+    by_project: dict[str, list[str]] = {}
+    for letter in chosen:
+        by_project.setdefault(str(letter.project_id), []).append(str(letter.backup_id))
+    producer = Producer(settings.redis_url, settings.queue)
+    try:
+        for project_id, ids in by_project.items():
+            producer.delete_backups(project_id, ids, request_id="dlq-replay", batch_size=MAX_BATCH)
+    finally:
+        producer.close()
+    removed = ledger.remove_dead_letters(client, [letter.entry_id for letter in chosen])
+    skipped = sum(1 for letter in letters if letter.kind != "deletion") if args.all else 0
+    print(
+        f"replayed {removed} deletion(s)"
+        + (f"; {skipped} rejected task(s) left (cannot replay)" if skipped else "")
+    )
+    for backup_id in sorted(unknown):
+        print(f"not in the dead-letter store: {backup_id}", file=sys.stderr)
+    return 1 if unknown else 0
+
+
 def _simulate(argv: list[str]) -> int:
     from worker import simulator
 
@@ -61,8 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--count", type=int, default=1000, help="deletions to enqueue (default 1000)")
     demo.add_argument("--fault-rate", type=float, default=0.05, help="fraction answered 408/503/504")
     demo.add_argument("--ghost-rate", type=float, default=0.02, help="fraction deleted yet answered 504")
+    status = commands.add_parser("status", help="print a backup's ledger record")
+    status.add_argument("backup_id")
+    status.add_argument("--project", help="project ID (default: look in every project)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    dlq = commands.add_parser("dlq", help="dead letters: list, replay, purge")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_commands.add_parser("list", help="list dead letters, oldest first").add_argument(
+        "--json", action="store_true"
+    )
+    replay = dlq_commands.add_parser("replay", help="re-enqueue dead-lettered deletions (deduplicated)")
+    replay.add_argument("--all", action="store_true", help="every dead-lettered deletion")
+    replay.add_argument("backup_ids", nargs="*", metavar="BACKUP_ID")
+    dlq_commands.add_parser("purge", help="delete every dead letter")
     args = parser.parse_args(argv)
-    handlers = {"worker": _worker, "demo": _demo}
+    handlers = {"worker": _worker, "demo": _demo, "status": _status, "dlq": _dlq}
     return handlers[args.command](args)
 
 

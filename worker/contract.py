@@ -88,3 +88,15 @@ def validate(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> D
         checked = [_check_string(f"backup_ids[{i}]", value, _BACKUP_ID) for i, value in enumerate(raw)]
         backup_ids = tuple(dict.fromkeys(checked))
     return DeletionRequest(project_id=project_id, backup_ids=backup_ids, request_id=request_id)
+
+
+def well_formed_pairs(kwargs: dict[str, Any]) -> list[tuple[str, str]]:
+    """(project_id, backup_id) pairs of a rejected task whose IDs are well formed (for the ledger)."""
+    project_id = kwargs.get("project_id")
+    if not isinstance(project_id, str) or _PROJECT_ID.fullmatch(project_id) is None:
+        return []
+    raw = kwargs.get("backup_ids")
+    candidates = raw[:MAX_BATCH] if isinstance(raw, list) else [kwargs.get("backup_id")]
+    return [
+        (project_id, value) for value in candidates if isinstance(value, str) and _BACKUP_ID.fullmatch(value)
+    ]

@@ -9,23 +9,35 @@ Create an Engine inside the process that uses it (never before a fork).
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 import threading
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiohttp
+import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import generate_latest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import logs, metrics
 from worker.auth import Auth, StaticTokenAuth
-from worker.contract import DeletionRequest
+from worker.contract import DeletionRequest, InvalidTask, well_formed_pairs
+from worker.ledger import DeadLetter, Ledger, kwargs_text
 from worker.outcome import Answer, Verdict, classify, retry_wait
+from worker.ratelimit import RateLimiter
 from worker.settings import Settings
 from worker.vbs import VbsClient, new_session
 
 log = logs.get("engine")
+T = TypeVar("T")
+_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +45,10 @@ class DeletionResult:
     """How one backup's deletion ended. ``outcome`` is accepted, already_gone or failed."""
 
     backup_id: str
-    outcome: str
-    reason: str  # bounded label: accepted, already_gone, status_400, exhausted_status_503, ...
+    outcome: str  # accepted, already_gone, failed or duplicate (not sent: done or in flight elsewhere)
+    reason: str  # bounded label: accepted, already_gone, status_400, exhausted_status_503, duplicate_done...
     attempts: int  # HTTP attempts made
-    answer: Answer  # the last answer seen
+    answer: Answer | None  # the last answer seen (None for a duplicate)
 
 
 class Engine:
@@ -53,8 +65,14 @@ class Engine:
         self._session: aiohttp.ClientSession | None = None
         self._client: VbsClient | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._redis: aioredis.Redis | None = None
+        self._ledger: Ledger | None = None
+        self._limiter: RateLimiter | None = None
+        self._poll_limiter: RateLimiter | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._metrics_runner: web.AppRunner | None = None
         self.metrics_port: int | None = None
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def start(self) -> None:
         """Start the loop thread, open the session and the metrics listener; returns once ready."""
@@ -77,14 +95,41 @@ class Engine:
 
     def run(self, request: DeletionRequest) -> list[DeletionResult]:
         """Delete every backup of ``request`` (blocking the calling thread); results in request order."""
+        return self._submit(self._delete_all(request))
+
+    def reject(self, task_name: str, task_id: str | None, kwargs: dict[str, Any], error: InvalidTask) -> None:
+        """Record a task that broke the contract: a dead letter, and ``rejected`` for its well-formed IDs."""
+        letter = DeadLetter(
+            kind="rejected_task",
+            reason=error.reason,
+            ts=time.time(),
+            message=error.detail,
+            task_name=task_name,
+            task_id=task_id or uuid.uuid4().hex,
+            kwargs=kwargs_text(kwargs),
+            request_id=kwargs.get("request_id") if isinstance(kwargs.get("request_id"), str) else None,
+        )
+        self._submit(self._record_rejection(well_formed_pairs(kwargs), letter))
+
+    def _submit(self, coroutine: Awaitable[T]) -> T:
         if self._loop is None:
             raise RuntimeError("engine not started")
-        return asyncio.run_coroutine_threadsafe(self._delete_all(request), self._loop).result()
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()  # type: ignore[arg-type]
 
     async def _open(self) -> None:
-        self._session = new_session(self._settings)
-        self._client = VbsClient(self._session, self._settings, self._auth)
-        self._slots = asyncio.Semaphore(self._settings.concurrency)
+        settings = self._settings
+        self._session = new_session(settings)
+        self._client = VbsClient(self._session, settings, self._auth)
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        self._ledger = Ledger(self._redis, settings.ledger_ttl, self.owner)
+        self._limiter = RateLimiter(self._redis, "delete", settings.rate_limit, settings.rate_burst)
+        self._poll_limiter = (
+            RateLimiter(self._redis, "poll", settings.poll_rate_limit, settings.rate_burst)
+            if settings.poll_rate_limit > 0
+            else self._limiter
+        )
+        self._heartbeat = asyncio.create_task(self._beat())
         app = web.Application()
         app.router.add_get("/metrics", _serve_metrics)
         self._metrics_runner = web.AppRunner(app, access_log=None)
@@ -95,10 +140,46 @@ class Engine:
         log.info("metrics on http://%s:%s/metrics", self._settings.metrics_host, self.metrics_port)
 
     async def _close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._ledger is not None:
+            try:
+                await self._ledger.retire()
+            except _REDIS_ERRORS:
+                log.warning("could not remove the heartbeat at shutdown; it expires by itself")
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         if self._session is not None:
             await self._session.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def _record_rejection(self, pairs: list[tuple[str, str]], letter: DeadLetter) -> None:
+        assert self._ledger is not None
+        ledger = self._ledger
+        await self._until_redis(lambda: ledger.reject(pairs, letter))
+
+    async def _beat(self) -> None:
+        """Keep this worker's heartbeat alive: claims of a live worker are never taken over."""
+        assert self._ledger is not None
+        interval = self._settings.heartbeat_interval
+        while True:
+            try:
+                await self._ledger.heartbeat(max(1, round(interval * 3)))
+            except _REDIS_ERRORS as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def _until_redis(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a Redis operation, waiting out outages (backoff up to 5 s): no record is ever lost."""
+        delay = 0.25
+        while True:
+            try:
+                return await call()
+            except _REDIS_ERRORS as exc:
+                log.warning("Redis unavailable (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
 
     async def _delete_all(self, request: DeletionRequest) -> list[DeletionResult]:
         return list(
@@ -111,7 +192,8 @@ class Engine:
         )
 
     async def _attempt(self, project_id: str, backup_id: str) -> Answer:
-        assert self._client is not None and self._slots is not None
+        assert self._client is not None and self._slots is not None and self._limiter is not None
+        await self._limiter.acquire()
         async with self._slots:
             metrics.IN_FLIGHT.inc()
             started = time.perf_counter()
@@ -124,9 +206,58 @@ class Engine:
         return answer
 
     async def _delete_one(self, project_id: str, backup_id: str, request_id: str | None) -> DeletionResult:
-        """Attempt until accepted, gone, permanently failed, or out of attempts / throttle waits."""
-        settings = self._settings
+        """Claim the backup in the ledger, delete it, record the result (and a dead letter if it failed)."""
+        assert self._ledger is not None
+        ledger = self._ledger
         ctx: dict[str, object] = {"project_id": project_id, "backup_id": backup_id, "request_id": request_id}
+        verdict, detail = await self._until_redis(lambda: ledger.claim(project_id, backup_id, request_id))
+        if verdict != "claimed":
+            log.info("duplicate skipped (%s: %s)", verdict, detail, extra={"ctx": ctx})
+            metrics.DELETIONS.labels("duplicate").inc()
+            return DeletionResult(backup_id, "duplicate", f"duplicate_{verdict}", 0, None)
+        try:
+            result = await self._send(project_id, backup_id, ctx)
+        except asyncio.CancelledError:
+            await self._until_redis(lambda: ledger.release(project_id, backup_id))
+            raise
+        answer = result.answer
+        assert answer is not None
+        update = {
+            "attempts": result.attempts,
+            "status": answer.status,
+            "error_code": answer.error_code,
+            "error": answer.message,
+            "vbs_request_id": answer.request_id,
+            "job_id": answer.job_id,
+            "reason": result.reason,
+        }
+        letter = None
+        if result.outcome == "failed":
+            letter = DeadLetter(
+                kind="deletion",
+                reason=result.reason,
+                ts=time.time(),
+                project_id=project_id,
+                backup_id=backup_id,
+                status=answer.status,
+                error_code=answer.error_code,
+                message=answer.message,
+                vbs_request_id=answer.request_id,
+                request_id=request_id,
+                attempts=result.attempts,
+            )
+        await self._until_redis(lambda: ledger.finish(project_id, backup_id, result.outcome, update, letter))
+        metrics.DELETIONS.labels(result.outcome).inc()
+        if result.outcome == "failed":
+            metrics.FAILURES.labels(
+                metrics.status_label(answer.status), metrics.bounded_code(answer.error_code)
+            ).inc()
+        return result
+
+    async def _send(self, project_id: str, backup_id: str, ctx: dict[str, object]) -> DeletionResult:
+        """Attempt until accepted, gone, permanently failed, or out of attempts / throttle waits."""
+        assert self._limiter is not None
+        settings = self._settings
         attempts = transient = throttled = 0
         while True:
             answer = await self._attempt(project_id, backup_id)
@@ -136,7 +267,7 @@ class Engine:
             if decision.verdict in (Verdict.ACCEPTED, Verdict.GONE):
                 ctx["job_id"] = answer.job_id
                 log.info("deletion %s", decision.reason, extra={"ctx": ctx})
-                return self._finish(backup_id, decision.verdict.value, decision.reason, attempts, answer)
+                return DeletionResult(backup_id, decision.verdict.value, decision.reason, attempts, answer)
             if decision.verdict is Verdict.THROTTLED:
                 throttled += 1
                 exhausted = throttled > settings.max_throttle_waits
@@ -148,11 +279,11 @@ class Engine:
             else:
                 ctx.update(error_code=answer.error_code, error=answer.message)
                 log.warning("deletion failed permanently", extra={"ctx": ctx})
-                return self._finish(backup_id, "failed", decision.reason, attempts, answer)
+                return DeletionResult(backup_id, "failed", decision.reason, attempts, answer)
             if exhausted:
                 ctx.update(error_code=answer.error_code, error=answer.message)
                 log.warning("deletion failed: retries exhausted (%s)", decision.reason, extra={"ctx": ctx})
-                return self._finish(backup_id, "failed", f"exhausted_{decision.reason}", attempts, answer)
+                return DeletionResult(backup_id, "failed", f"exhausted_{decision.reason}", attempts, answer)
             wait = retry_wait(
                 answer,
                 backoff_step,
@@ -163,16 +294,10 @@ class Engine:
             )
             metrics.RETRIES.labels(decision.reason).inc()
             log.info("retrying in %.2fs after %s", wait, decision.reason, extra={"ctx": ctx})
-            await asyncio.sleep(wait)
-
-    @staticmethod
-    def _finish(backup_id: str, outcome: str, reason: str, attempts: int, answer: Answer) -> DeletionResult:
-        metrics.DELETIONS.labels(outcome).inc()
-        if outcome == "failed":
-            metrics.FAILURES.labels(
-                metrics.status_label(answer.status), metrics.bounded_code(answer.error_code)
-            ).inc()
-        return DeletionResult(backup_id, outcome, reason, attempts, answer)
+            if decision.verdict is Verdict.THROTTLED:
+                await self._limiter.pause(wait)  # every worker waits, not only this deletion
+            else:
+                await asyncio.sleep(wait)
 
 
 async def _serve_metrics(request: web.Request) -> web.Response:

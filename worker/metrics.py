@@ -33,7 +33,7 @@ IN_FLIGHT = Gauge(
 )
 DELETIONS = Counter(
     f"{PREFIX}_deletions",
-    "Deletions finished, by outcome: accepted, already_gone or failed.",
+    "Deletions finished, by outcome: accepted, already_gone, failed, or duplicate (not sent again).",
     ["outcome"],
     registry=REGISTRY,
 )
@@ -67,3 +67,24 @@ def bounded_code(code: str | None) -> str:
     if code is None:
         return "none"
     return code if _CODE.fullmatch(code) else "other"
+
+
+RATE_LIMIT_WAIT = Histogram(
+    f"{PREFIX}_rate_limit_wait_seconds",
+    "Time a request waited for a token of the shared rate limit, seconds.",
+    ["bucket"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
+RATE_LIMIT_LEVEL = Gauge(
+    f"{PREFIX}_rate_limit_tokens",
+    "Tokens left in the shared bucket at this worker's last call (bucket size is VBS_RATE_BURST).",
+    ["bucket"],
+    registry=REGISTRY,
+)
+RATE_LIMIT_PAUSES = Counter(
+    f"{PREFIX}_rate_limit_pauses",
+    "Times this worker paused the shared bucket for every worker after a 429.",
+    ["bucket"],
+    registry=REGISTRY,
+)

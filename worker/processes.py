@@ -33,10 +33,13 @@ def free_port() -> int:
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll ``check`` until it returns True; raise TimeoutError naming ``what`` after ``timeout`` seconds."""
+    """Poll ``check`` until it returns True; raise TimeoutError naming ``what`` after ``timeout`` seconds.
+
+    Connection errors count as "not yet"; any other exception from ``check`` ends the wait.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError, redis.RedisError):
             if check():
                 return
         time.sleep(interval)

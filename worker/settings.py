@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "VBS_"
 CONFIG_FILE_VARIABLE = "VBS_CONFIG"
@@ -47,15 +55,58 @@ class Settings(BaseModel):
     )
     backoff_base: float = Field(0.5, gt=0, description="first backoff ceiling, seconds (doubles per attempt)")
     backoff_max: float = Field(30.0, gt=0, description="largest backoff ceiling, seconds")
-    retry_after_max: float = Field(60.0, gt=0, description="cap on an honoured Retry-After, seconds")
-    max_throttle_waits: int = Field(
-        30, ge=0, description="429 answers waited out per deletion before failing"
+    retry_after_max: float = Field(30.0, gt=0, description="cap on an honoured Retry-After, seconds")
+    max_throttle_waits: int = Field(10, ge=0, description="429s waited out per deletion before failing")
+
+    rate_limit: float = Field(
+        40.0, ge=0, description="requests/s shared by all workers on this Redis; 0 = off"
     )
+    rate_burst: float = Field(10.0, ge=1, description="token bucket size, requests")
+    poll_rate_limit: float = Field(
+        0.0, ge=0, description="separate budget for job polls and lists; 0 = share"
+    )
+    ledger_ttl: int = Field(
+        604800, ge=60, description="seconds a ledger record is kept after its last change"
+    )
+    visibility_timeout: int = Field(3600, ge=1, description="seconds before Redis redelivers an unacked task")
+    heartbeat_interval: float = Field(10.0, gt=0, description="seconds between worker heartbeats (TTL: 3x)")
 
     metrics_host: str = Field("0.0.0.0", description="address of the /metrics listener")
     metrics_port: int = Field(9808, ge=0, le=65535, description="port of /metrics; 0 picks a free one")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log threshold")
     log_format: Literal["text", "json"] = Field("text", description="text lines or one JSON object a line")
+
+    @property
+    def attempt_timeout(self) -> float:
+        """Longest one HTTP attempt may take, seconds."""
+        return self.connect_timeout + self.read_timeout
+
+    def longest_unacked(self) -> float:
+        """Upper bound, in seconds, on how long a task message stays unacknowledged.
+
+        One deletion: its transient attempts with their backoffs, plus its throttle waits. A task may also
+        queue behind the others this process has reserved (one per thread, up to 1000 IDs each) drawing
+        from the shared rate; the bound assumes this process gets the whole rate limit. A redelivered claim
+        is only taken over once its dead owner's heartbeat (3 intervals) has expired.
+        """
+        attempts = self.max_attempts * self.attempt_timeout + (self.max_attempts - 1) * self.backoff_max
+        throttled = self.max_throttle_waits * (
+            self.attempt_timeout + max(self.retry_after_max, self.backoff_max)
+        )
+        queued = self.concurrency * 1000 / self.rate_limit if self.rate_limit > 0 else 0.0
+        return attempts + throttled + queued + 3 * self.heartbeat_interval
+
+    @model_validator(mode="after")
+    def _visibility_covers_unacked_time(self) -> Settings:
+        longest = self.longest_unacked()
+        if self.visibility_timeout <= longest:
+            raise ValueError(
+                f"VBS_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must exceed the longest time a task "
+                f"can stay unacknowledged ({longest:.0f}s from VBS_MAX_ATTEMPTS, VBS_CONNECT_TIMEOUT, "
+                "VBS_READ_TIMEOUT, VBS_BACKOFF_MAX, VBS_MAX_THROTTLE_WAITS, VBS_RETRY_AFTER_MAX, "
+                "VBS_CONCURRENCY, VBS_RATE_LIMIT, VBS_HEARTBEAT_INTERVAL): raise it or lower those"
+            )
+        return self
 
     @field_validator("retry_statuses", mode="before")
     @classmethod
@@ -123,7 +174,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         return Settings(**values)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{env_name(str(error['loc'][0])) if error['loc'] else 'settings'}: {error['msg']}"
+            f"{env_name(str(error['loc'][0])) + ': ' if error['loc'] else ''}{error['msg']}"
             for error in exc.errors()
         )
         raise SettingsError(f"invalid settings: {problems}") from None

@@ -29,6 +29,7 @@ def make_app(settings: Settings) -> Celery:
         result_accept_content=["json"],
         task_ignore_result=True,
         task_default_queue=settings.queue,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -103,24 +104,27 @@ def _stop_engine(**_: Any) -> None:
             _engine.stop()
 
 
-def handle(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[DeletionResult]:
-    """Validate and run one task. A contract violation is logged and counted; it never raises."""
+def handle(
+    task_name: str, task_id: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[DeletionResult]:
+    """Validate and run one task. A contract violation is logged, counted and dead-lettered, never raised."""
     try:
         request = validate(task_name, args, kwargs)
     except InvalidTask as exc:
         metrics.REJECTED_TASKS.labels(exc.reason).inc()
-        log.warning("task rejected: %s", exc, extra={"ctx": {"task": task_name}})
+        log.warning("task rejected: %s", exc, extra={"ctx": {"task": task_name, "task_id": task_id}})
+        engine().reject(task_name, task_id, kwargs, exc)
         return []
     return engine().run(request)
 
 
-@app.task(name=DELETE_BACKUP)
-def delete_backup(*args: Any, **kwargs: Any) -> None:
+@app.task(name=DELETE_BACKUP, bind=True)
+def delete_backup(self: Any, *args: Any, **kwargs: Any) -> None:
     """``vbs.delete_backup(project_id, backup_id, request_id=None)``; see worker/contract.py."""
-    handle(DELETE_BACKUP, args, kwargs)
+    handle(DELETE_BACKUP, self.request.id, args, kwargs)
 
 
-@app.task(name=DELETE_BACKUPS)
-def delete_backups(*args: Any, **kwargs: Any) -> None:
+@app.task(name=DELETE_BACKUPS, bind=True)
+def delete_backups(self: Any, *args: Any, **kwargs: Any) -> None:
     """``vbs.delete_backups(project_id, backup_ids, request_id=None)``; see worker/contract.py."""
-    handle(DELETE_BACKUPS, args, kwargs)
+    handle(DELETE_BACKUPS, self.request.id, args, kwargs)

@@ -88,7 +88,7 @@ def new_session(settings: Settings) -> aiohttp.ClientSession:
     """The one session of a worker process; create it inside the running loop that will use it."""
     connector = aiohttp.TCPConnector(limit=settings.concurrency, ssl=settings.verify_tls)
     timeout = aiohttp.ClientTimeout(
-        total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
+        total=settings.attempt_timeout, connect=settings.connect_timeout, sock_read=settings.read_timeout
     )
     return aiohttp.ClientSession(
         connector=connector,
