@@ -59,7 +59,13 @@ def test_retried_statuses_then_success(
 ) -> None:
     sim = start_sim("--fault-rate", "1", "--fault-statuses", str(status))
     backup = sim.seed(1)[0]
-    worker = start_worker(sim, VBS_MAX_ATTEMPTS="50", VBS_BACKOFF_BASE="0.1", VBS_BACKOFF_MAX="0.2", VBS_VISIBILITY_TIMEOUT="9000")
+    worker = start_worker(
+        sim,
+        VBS_MAX_ATTEMPTS="50",
+        VBS_BACKOFF_BASE="0.1",
+        VBS_BACKOFF_MAX="0.2",
+        VBS_VISIBILITY_TIMEOUT="9000",
+    )
     producer.delete_backup(PROJECT, backup)
     reason = f"status_{status}"
     wait_until(lambda: worker.count("vbs_deleter_retries_total", reason=reason) >= 2, 30, "two retries")
