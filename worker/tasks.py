@@ -29,7 +29,12 @@ def make_app(settings: Settings) -> Celery:
         result_accept_content=["json"],
         task_ignore_result=True,
         task_default_queue=settings.queue,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # sweep for messages whose visibility expired every few seconds, not every ~100 s (kombu default)
+            "unacked_restore_interval": min(10, max(1, settings.visibility_timeout // 5)),
+            "unacked_restore_throttle": 1,
+        },
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
