@@ -17,13 +17,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check worker tests
-	$(BIN)/ruff format --check worker tests
+	$(BIN)/ruff check worker tests bench deploy
+	$(BIN)/ruff format --check worker tests bench deploy
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff check --fix worker tests
-	$(BIN)/ruff format worker tests
+	$(BIN)/ruff check --fix worker tests bench deploy
+	$(BIN)/ruff format worker tests bench deploy
 
 test: install
 	$(BIN)/pytest -q $(PYTEST_ARGS)
@@ -35,3 +35,7 @@ all: lint test
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+bench: install
+	$(BIN)/python bench/rate_fidelity.py --rate 40 --workers 3 --deletions 1200 --runs 3
+	$(BIN)/python bench/rate_fidelity.py --rate 200 --workers 4 --deletions 4000 --runs 3

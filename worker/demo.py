@@ -116,7 +116,8 @@ def main(count: int = 1000, fault_rate: float = 0.05, ghost_rate: float = 0.02) 
     left = sum(stats["remaining"].values()) - undeletable
     print("summary")
     print(f"  deleted (accepted)      {int(outcomes.get('accepted', 0))}")
-    print(f"  already gone            {int(outcomes.get('already_gone', 0))}")
+    print(f"  already gone            {int(outcomes.get('already_gone', 0))}  (never existed, or ghost 504)")
+    print(f"  duplicates skipped      {int(outcomes.get('duplicate', 0))}")
     print(
         f"  failed                  {int(outcomes.get('failed', 0))}  by code: "
         + (", ".join(f"{code}={int(n)}" for code, n in sorted(failures.items())) or "-")
