@@ -7,7 +7,7 @@
 -- ARGV[5]  project_id, ARGV[6] backup_id
 -- Returns {verdict, detail}:
 --   {'done', state}       already accepted or gone: do not send again
---   {'busy', owner}       in flight in another live worker: leave it to that worker
+--   {'busy', owner}       in flight in a live worker (this one included): leave it to that deletion
 --   {'claimed', previous} now in flight here; previous state ('' for a new record)
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'accepted' or state == 'already_gone' then
@@ -15,7 +15,7 @@ if state == 'accepted' or state == 'already_gone' then
 end
 if state == 'in_flight' then
   local owner = redis.call('HGET', KEYS[1], 'owner')
-  if owner and owner ~= ARGV[1] and redis.call('EXISTS', ARGV[2] .. owner) == 1 then
+  if owner and owner ~= '' and redis.call('EXISTS', ARGV[2] .. owner) == 1 then
     return {'busy', owner}
   end
 end

@@ -1,0 +1,81 @@
+"""The Lua scripts and the ledger against a real Redis (the private test server)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis
+import redis.asyncio as aioredis
+
+from worker import keys
+from worker.ledger import DeadLetter, Ledger, dead_letters, done_ids, mark_queued, read_record
+from worker.ratelimit import RateLimiter
+
+P = "0123456789abcdef0123456789abcdef"
+B1, B2 = "70a599e0-31e7-49b7-b260-868f441e862b", "80a599e0-31e7-49b7-b260-868f441e862b"
+
+
+def test_token_bucket_grants_burst_then_paces_and_pauses(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        limiter = RateLimiter(client, "t", rate=10, burst=5)
+        assert await limiter._call(10, 0.0) == (5, 0.0)  # a full bucket gives its burst, no more
+        granted, wait = await limiter._call(1, 0.0)
+        assert granted == 0 and 0.05 < wait <= 0.1  # next token in under 1/rate seconds
+        await client.script_flush()  # NOSCRIPT is handled by reloading
+        started = time.monotonic()
+        for _ in range(5):
+            await limiter.acquire()
+        assert 0.35 < time.monotonic() - started < 1.5  # five tokens at 10/s after the burst is gone
+        await limiter.pause(1.0)
+        granted, wait = await limiter._call(1, 0.0)
+        assert granted == 0 and 0.8 < wait <= 1.0  # everyone sees the pause
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_disabled_limiter_never_touches_redis() -> None:
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url("redis://127.0.0.1:1/0")  # nothing listens there
+        assert await RateLimiter(client, "off", rate=0, burst=1).acquire() == 0.0
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_claims_done_busy_and_dead_owner(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        alive, dead = Ledger(client, 3600, "alive"), Ledger(client, 3600, "dead")
+        await alive.heartbeat(30)
+        assert await alive.claim(P, B1, "req") == ("claimed", "")
+        assert await dead.claim(P, B1, None) == ("busy", "alive")
+        assert await alive.claim(P, B1, None) == ("busy", "alive")  # a concurrent duplicate in this worker
+        await alive.finish(P, B1, "accepted", {"attempts": 2, "status": 200, "job_id": "j1"})
+        assert await dead.claim(P, B1, None) == ("done", "accepted")
+        assert await dead.claim(P, B2, None) == ("claimed", "")  # "dead" never sent a heartbeat
+        assert await alive.claim(P, B2, None) == ("claimed", "in_flight")  # taken over from the dead owner
+        letter = DeadLetter(
+            kind="deletion", reason="status_400", ts=1.0, project_id=P, backup_id=B2, status=400
+        )
+        await alive.finish(P, B2, "failed", {"attempts": 1, "status": 400}, letter)
+        assert await alive.dead_letter_count() == 1
+        await client.aclose()
+
+    asyncio.run(scenario())
+    sync = redis.Redis.from_url(redis_url)
+    (record,) = read_record(sync, B1)
+    assert (record["state"], record["attempts"], record["job_id"], record["request_id"]) == (
+        "accepted",
+        "2",
+        "j1",
+        "req",
+    )
+    assert sync.ttl(keys.ledger(P, B1)) > 3500
+    assert done_ids(sync, P, [B1, B2, "90a599e0-31e7-49b7-b260-868f441e862b"]) == {B1}
+    assert [(d.backup_id, d.status) for d in dead_letters(sync)] == [(B2, 400)]
+    mark_queued(sync, P, [B1, "90a599e0-31e7-49b7-b260-868f441e862b"], ttl=60)
+    assert read_record(sync, B1, P)[0]["state"] == "accepted"  # queued never overwrites a record
+    assert read_record(sync, "90a599e0-31e7-49b7-b260-868f441e862b", P)[0]["state"] == "queued"
