@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from worker.contract import DELETE_BACKUP, DELETE_BACKUPS, InvalidTask, validate
+from worker.contract import DELETE_BACKUP, DELETE_BACKUPS, InvalidTask, envelope_problem, validate
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "worker/schemas/tasks.schema.json").read_text())
 
@@ -29,6 +29,7 @@ GOOD: list[tuple[str, dict[str, Any]]] = [
     (DELETE_BACKUPS, {"project_id": PROJECT, "backup_ids": [BACKUP]}),
     (DELETE_BACKUPS, {"project_id": PROJECT, "backup_ids": [str(uuid.uuid4()) for _ in range(1000)]}),
     (DELETE_BACKUPS, {"project_id": PROJECT, "backup_ids": [BACKUP], "request_id": "x" * 128}),
+    (DELETE_BACKUP, {"project_id": PROJECT, "backup_id": BACKUP, "request_id": None}),
 ]
 
 BAD: list[tuple[str, dict[str, Any], str]] = [
@@ -94,3 +95,36 @@ def test_long_bad_values_are_shortened_in_the_message() -> None:
     with pytest.raises(InvalidTask) as caught:
         validate(DELETE_BACKUP, (), {"project_id": PROJECT, "backup_id": "z" * 5000})
     assert len(str(caught.value)) < 300
+
+
+EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+HEADERS = {"task": DELETE_BACKUP, "id": "t1", "lang": "py"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "reason"),
+    [
+        ({"task": DELETE_BACKUP}, [[], {}, EMBED], "malformed_message"),
+        (None, [[], {}, EMBED], "malformed_message"),
+        ({**HEADERS, "task": "celery.chord_unlock"}, [[], {}, EMBED], "unknown_task"),
+        ({**HEADERS, "timelimit": "garbage"}, [[], {}, EMBED], "malformed_message"),
+        (HEADERS, [[], {}], "malformed_message"),
+        (HEADERS, [[], {}, EMBED, 4], "malformed_message"),
+        (HEADERS, None, "malformed_message"),
+        (HEADERS, 12345, "malformed_message"),
+        (HEADERS, "hello", "malformed_message"),
+        (HEADERS, {"project_id": PROJECT, "backup_id": BACKUP}, "malformed_message"),
+        (HEADERS, [[], None, EMBED], "malformed_message"),
+        (HEADERS, [[], [1, 2], EMBED], "malformed_message"),
+        (HEADERS, [[], {}, "notadict"], "malformed_message"),
+        (HEADERS, [[], {}, {**EMBED, "callbacks": "x"}], "malformed_message"),
+    ],
+)
+def test_envelope_problems(headers: Any, body: Any, reason: str) -> None:
+    problem = envelope_problem(headers, body)
+    assert problem is not None and problem.reason == reason
+
+
+def test_good_envelopes() -> None:
+    assert envelope_problem(HEADERS, [[], {"project_id": PROJECT}, EMBED]) is None
+    assert envelope_problem({**HEADERS, "timelimit": [None, None]}, [[], {}, None]) is None

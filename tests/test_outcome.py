@@ -18,6 +18,10 @@ RETRIED = frozenset({408, 503, 504})
         (Answer(200, job_id="j"), Verdict.ACCEPTED, "accepted"),
         (Answer(202), Verdict.ACCEPTED, "accepted"),
         (Answer(404), Verdict.GONE, "already_gone"),
+        (Answer(404, error_code="VolumeBackup.0110"), Verdict.GONE, "already_gone"),
+        (Answer(404, error_code="itemNotFound"), Verdict.GONE, "already_gone"),
+        (Answer(404, error_code="APIGW.0101"), Verdict.FAILED, "no_such_route"),
+        (Answer(307), Verdict.FAILED, "status_307"),
         (Answer(429), Verdict.THROTTLED, "throttled"),
         (Answer(408), Verdict.RETRY, "status_408"),
         (Answer(503), Verdict.RETRY, "status_503"),
@@ -65,4 +69,5 @@ def test_retry_wait_caps_retry_after_and_falls_back_to_backoff() -> None:
     rng = random.Random(2)
     assert retry_wait(Answer(429, retry_after="3"), 1, 0.5, 30, 60, rng) == 3.0
     assert retry_wait(Answer(503, retry_after="3600"), 1, 0.5, 30, 60, rng) == 60.0
+    assert 0.0 <= retry_wait(Answer(429, retry_after="0"), 3, 0.5, 30, 60, rng) <= 2.0  # 0 means: back off
     assert 0.0 <= retry_wait(Answer(503), 2, 0.5, 30, 60, rng) <= 1.0

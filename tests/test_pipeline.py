@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import http.server
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+import redis
 from celery import Celery
 from kombu import Connection, Exchange
 from kombu import Producer as KombuProducer
+from kombu import Queue as KombuQueue
 
 from tests.conftest import PROJECT, Sim, Worker
 from worker.processes import free_port, wait_until
@@ -253,14 +258,14 @@ def test_demo_invariant() -> None:
 def test_kombu_producer_example(
     sim: Sim, start_worker: Callable[..., Worker], redis_url: str, queue: str
 ) -> None:
-    """The README's producer that does not import the worker package."""
+    """The README's producer that does not import the worker package, sending before any worker exists."""
     ids = sim.seed(3)
-    worker = start_worker(sim)
     subprocess.run(
         [sys.executable, "deploy/examples/kombu_producer.py", redis_url, queue, PROJECT, *ids],
         check=True,
         timeout=30,
     )
+    worker = start_worker(sim)
     assert by_label(worker.wait_for_deletions(3), DELETIONS, "outcome") == {"accepted": 3}
     assert "request_id=kombu-example-" in worker.log()
 
@@ -307,3 +312,121 @@ def test_bad_setting_stops_the_worker_at_start(redis_url: str) -> None:
     )
     assert result.returncode == 2
     assert "VBS_CONCURENCY" in result.stderr
+
+
+POISON: list[tuple[object, dict[str, object]]] = [
+    ({"project_id": PROJECT, "backup_id": "70a599e0-31e7-49b7-b260-868f441e862b"}, {}),
+    ([[], {"project_id": PROJECT}], {}),
+    ([[], {}, {}, 4], {}),
+    (None, {}),
+    (12345, {}),
+    ("hello", {}),
+    ([[], None, {}], {}),
+    ([[], {}, "notadict"], {}),
+    ([[], {}, {"callbacks": "x", "errbacks": 5}], {}),
+    ([[], {"project_id": PROJECT}, {}], {"timelimit": "garbage"}),
+    ([[], {"project_id": PROJECT}, {}], {"id": None}),
+    ([[], {"project_id": PROJECT}, {}], {"task": "celery.chord_unlock"}),
+]
+
+
+def test_poison_messages_never_stop_or_block_the_worker(
+    sim: Sim, start_worker: Callable[..., Worker], producer: Producer, redis_url: str, queue: str
+) -> None:
+    """Bodies and headers Celery would choke on are refused at the door, while valid work goes on."""
+    with Connection(redis_url) as conn:
+        publish = KombuProducer(conn).publish
+        for body, header_changes in POISON:
+            headers = {"task": "vbs.delete_backup", "id": str(uuid.uuid4()), "lang": "py", **header_changes}
+            publish(
+                body,
+                routing_key=queue,
+                exchange=Exchange(queue),
+                serializer="json",
+                headers=headers,
+                declare=[KombuQueue(queue, Exchange(queue), routing_key=queue)],
+            )
+    worker = start_worker(sim, VBS_CONCURRENCY="2")
+    ids = sim.seed(3)
+    producer.delete_backups(PROJECT, ids)
+    samples = worker.wait_for_deletions(3)
+    assert by_label(samples, DELETIONS, "outcome") == {"accepted": 3}
+    wait_until(
+        lambda: worker.count("vbs_deleter_rejected_tasks_total") == len(POISON), 20, "every poison counted"
+    )
+    assert by_label(worker.metrics(), "vbs_deleter_rejected_tasks_total", "reason") == {
+        "malformed_message": len(POISON) - 1,
+        "unknown_task": 1,
+    }
+    assert worker.child.process.poll() is None
+    assert redis.Redis.from_url(redis_url).llen(queue) == 0
+    assert redis.Redis.from_url(redis_url).hlen("unacked") == 0  # every poison message was acknowledged
+    assert sim.stats()["requests"]["delete"] == 3
+
+
+class _Redirector(http.server.BaseHTTPRequestHandler):
+    seen: ClassVar[list[tuple[str, str | None]]] = []
+
+    def do_POST(self) -> None:
+        self.seen.append((self.path, self.headers.get("X-Auth-Token")))
+        self.send_response(307)
+        self.send_header("Location", "/steal")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_redirects_are_not_followed(start_worker: Callable[..., Worker], producer: Producer) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        worker = start_worker(
+            None, VBS_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}", VBS_AUTH_TOKEN="tok-redirect"
+        )
+        producer.delete_backup(PROJECT, "70a599e0-31e7-49b7-b260-868f441e862b")
+        samples = worker.wait_for_deletions(1)
+    finally:
+        server.shutdown()
+    assert by_label(samples, DELETIONS, "outcome") == {"failed": 1}
+    assert by_label(samples, "vbs_deleter_deletion_failures_total", "status") == {"307": 1}
+    assert [path for path, _ in _Redirector.seen] == [
+        f"/v2/{PROJECT}/cloudbackups/70a599e0-31e7-49b7-b260-868f441e862b"
+    ]
+
+
+def test_gateway_404_is_a_failure_not_already_gone(
+    sim: Sim, start_worker: Callable[..., Worker], producer: Producer
+) -> None:
+    ids = sim.seed(2)
+    worker = start_worker(sim, VBS_ENDPOINT=sim.url + "/typo")
+    producer.delete_backups(PROJECT, ids)
+    samples = worker.wait_for_deletions(2)
+    assert by_label(samples, DELETIONS, "outcome") == {"failed": 2}
+    assert by_label(samples, "vbs_deleter_deletion_failures_total", "error_code") == {"APIGW.0101": 2}
+    assert sim.stats()["remaining"][PROJECT] == 2
+
+
+def test_metrics_port_taken_stops_the_worker(redis_url: str, queue: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "worker"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={
+                **os.environ,
+                "VBS_REDIS_URL": redis_url,
+                "VBS_QUEUE": queue,
+                "VBS_METRICS_HOST": "127.0.0.1",
+                "VBS_METRICS_PORT": str(port),
+            },
+        )
+    assert result.returncode != 0
+    assert f"cannot serve metrics on 127.0.0.1:{port} (VBS_METRICS_HOST, VBS_METRICS_PORT)" in result.stderr

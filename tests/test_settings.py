@@ -78,3 +78,22 @@ def test_secret_is_masked_and_not_in_errors() -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings({"VBS_AUTH_TOKEN": "s3cr3t-token-value", "VBS_CONCURRENCY": "s3cr3t"})
     assert "s3cr3t" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"VBS_ENDPOINT": "notaurl"}, "VBS_ENDPOINT"),
+        ({"VBS_ENDPOINT": "ftp://x"}, "VBS_ENDPOINT"),
+        ({"VBS_ENDPOINT": ""}, "VBS_ENDPOINT"),
+        ({"VBS_REDIS_URL": "garbage"}, "VBS_REDIS_URL"),
+        ({"VBS_READ_TIMEOUT": "inf"}, "VBS_READ_TIMEOUT"),
+        ({"VBS_RETRY_AFTER_MAX": "nan"}, "VBS_RETRY_AFTER_MAX"),
+        ({"VBS_AUTH_TOKEN": "tok\r\nX-Evil: 1"}, "VBS_AUTH_TOKEN"),
+        ({"VBS_CONFIG": "/bin/sh"}, "VBS_CONFIG"),
+    ],
+)
+def test_values_that_cannot_work_are_refused(environ: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named) as caught:
+        load_settings(environ)
+    assert "X-Evil" not in str(caught.value)

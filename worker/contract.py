@@ -55,6 +55,39 @@ def _check_string(name: str, value: object, pattern: re.Pattern[str]) -> str:
     return value
 
 
+TASK_NAMES = frozenset({DELETE_BACKUP, DELETE_BACKUPS})
+_LIMIT_TYPES = (int, float, type(None))
+_EMBED_KEYS = frozenset({"callbacks", "errbacks", "chain", "chord"})
+
+
+def envelope_problem(headers: object, body: object) -> InvalidTask | None:
+    """Check a Celery protocol-2 message before Celery parses it; None when it is well formed.
+
+    ``body`` is the decoded JSON: ``[args, kwargs, embed]`` with a list, a dict, and a dict (or null) whose
+    workflow fields (callbacks, errbacks, chain, chord) are empty: this worker runs no workflows.
+    """
+    if not isinstance(headers, dict) or not isinstance(headers.get("id"), str) or not headers["id"]:
+        return InvalidTask("malformed_message", "headers must carry a task 'id' string (Celery protocol 2)")
+    task = headers.get("task")
+    if task not in TASK_NAMES:
+        return InvalidTask("unknown_task", f"no task named {str(task)[:80]!r}")
+    limits = headers.get("timelimit")
+    if limits is not None and not (
+        isinstance(limits, list | tuple)
+        and len(limits) == 2
+        and all(isinstance(v, _LIMIT_TYPES) for v in limits)
+    ):
+        return InvalidTask("malformed_message", "header 'timelimit' must be [soft, hard] seconds or null")
+    if not (isinstance(body, list) and len(body) == 3):
+        return InvalidTask("malformed_message", "body must be [args, kwargs, embed]")
+    args, kwargs, embed = body
+    if not isinstance(args, list) or not isinstance(kwargs, dict) or not isinstance(embed, dict | None):
+        return InvalidTask("malformed_message", "body must be [list, object, object or null]")
+    if embed and any(embed.get(key) for key in _EMBED_KEYS):
+        return InvalidTask("malformed_message", "callbacks, errbacks, chains and chords are not supported")
+    return None
+
+
 def validate(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DeletionRequest:
     """Check one task's arguments against the contract; raise :class:`InvalidTask` on the first fault."""
     if args:
@@ -72,7 +105,7 @@ def validate(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> D
     if missing:
         raise InvalidTask("missing_kwargs", f"{task_name} needs {', '.join(missing)}")
     project_id = _check_string("project_id", kwargs["project_id"], _PROJECT_ID)
-    request_id = kwargs.get("request_id")
+    request_id = kwargs.get("request_id")  # null means absent
     if request_id is not None:
         request_id = _check_string("request_id", request_id, _REQUEST_ID)
     if task_name == DELETE_BACKUP:

@@ -14,6 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
+import redis
+
 from worker import processes
 from worker.producer import Producer
 from worker.scrape import by_label, scrape, total
@@ -73,7 +75,8 @@ def main(count: int = 1000, fault_rate: float = 0.05, ghost_rate: float = 0.02) 
             {"project_id": PROJECT_ID, "backups": [{"undeletable": True} for _ in range(undeletable)]},
         )["ids"]
         ids = ids + blocked + [str(uuid.uuid4()) for _ in range(missing)]
-        queue = f"vbs.demo.{uuid.uuid4().hex[:8]}"
+        queue = "vbs.demo"  # the demo's own queue: emptied first, so an aborted run leaves nothing behind
+        redis.Redis.from_url(redis_url).delete(queue)
         worker = stack.enter_context(
             processes.running(
                 processes.start_worker(

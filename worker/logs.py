@@ -14,6 +14,7 @@ from typing import Any
 from worker.settings import Settings
 
 LOGGER_NAME = "vbs_deleter"
+_ESCAPES = {ord("\n"): "\\n", ord("\r"): "\\r"}  # a text line stays one line, whatever a server sent
 
 
 class _JsonFormatter(logging.Formatter):
@@ -34,12 +35,13 @@ class _TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line before any traceback: message and context, each kept on one line."""
+        line = super().formatMessage(record)
         ctx = getattr(record, "ctx", None)
         if ctx:
             line += " " + " ".join(f"{key}={value}" for key, value in ctx.items() if value is not None)
-        return line
+        return line.translate(_ESCAPES)
 
 
 def configure(settings: Settings) -> None:

@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "vbs_deleter"
 _CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.]{0,39}")
+MAX_CODES = 100  # distinct error-code label values per process
+_seen_codes: set[str] = set()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -63,10 +65,15 @@ def status_label(status: int) -> str:
 
 
 def bounded_code(code: str | None) -> str:
-    """An error code as a label: a plausible code is kept, anything else folds into 'other'/'none'."""
+    """An error code as a label: the first ``MAX_CODES`` plausible codes are kept, others are 'other'."""
     if code is None:
         return "none"
-    return code if _CODE.fullmatch(code) else "other"
+    if code in _seen_codes:
+        return code
+    if _CODE.fullmatch(code) and len(_seen_codes) < MAX_CODES:
+        _seen_codes.add(code)
+        return code
+    return "other"
 
 
 RATE_LIMIT_WAIT = Histogram(

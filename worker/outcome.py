@@ -50,6 +50,8 @@ def classify(answer: Answer, retry_statuses: frozenset[int]) -> Decision:
     if 200 <= answer.status < 300:
         return Decision(Verdict.ACCEPTED, "accepted")
     if answer.status == 404:
+        if answer.error_code and answer.error_code.startswith("APIG"):
+            return Decision(Verdict.FAILED, "no_such_route")  # the gateway knows no such API: misconfigured
         return Decision(Verdict.GONE, "already_gone")
     if answer.status == 429:
         return Decision(Verdict.THROTTLED, "throttled")
@@ -91,8 +93,8 @@ def retry_after_seconds(header: str | None, now: datetime | None = None) -> floa
 def retry_wait(
     answer: Answer, attempt: int, base: float, ceiling: float, retry_after_cap: float, rng: random.Random
 ) -> float:
-    """Seconds to wait before the next attempt: the server's Retry-After (capped) if given, else backoff."""
+    """Seconds before the next attempt: the server's Retry-After (capped) if positive, else backoff."""
     asked = retry_after_seconds(answer.retry_after)
-    if asked is not None:
+    if asked:
         return min(asked, retry_after_cap)
     return backoff_delay(attempt, base, ceiling, rng)

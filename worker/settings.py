@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -36,7 +37,7 @@ class SettingsError(ValueError):
 class Settings(BaseModel):
     """Every knob of the worker. Durations are seconds, rates are requests per second."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and shared-state store")
     queue: str = Field("vbs.deletions", min_length=1, description="Celery queue the tasks arrive on")
@@ -124,6 +125,30 @@ class Settings(BaseModel):
             raise ValueError(f"only 4xx/5xx other than 404 and 429 can be retried, got {bad}")
         return value
 
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(
+                f"must be an http(s) base URL such as https://vbs.eu-de.otc.t-systems.com, got {value!r}"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("auth_token")
+    @classmethod
+    def _printable_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and any(ord(c) < 0x21 or ord(c) == 0x7F for c in value.get_secret_value()):
+            raise ValueError("contains spaces or control characters (a header value cannot carry them)")
+        return value
+
     @field_validator("auth_token", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
@@ -147,6 +172,8 @@ def _read_file(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except OSError as exc:
         raise SettingsError(f"{CONFIG_FILE_VARIABLE}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{CONFIG_FILE_VARIABLE}: {path} is not a UTF-8 text file") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{CONFIG_FILE_VARIABLE}: {path} is not valid TOML: {exc}") from None
 

@@ -13,7 +13,7 @@ from celery import Celery, signals
 from celery.worker.consumer import Consumer
 
 from worker import logs, metrics
-from worker.contract import DELETE_BACKUP, DELETE_BACKUPS, InvalidTask, validate
+from worker.contract import DELETE_BACKUP, DELETE_BACKUPS, InvalidTask, envelope_problem, validate
 from worker.engine import DeletionResult, Engine
 from worker.settings import Settings, load_settings
 
@@ -44,29 +44,57 @@ def make_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        worker_consumer="worker.tasks:RecordingConsumer",
+        worker_consumer="worker.tasks:GuardedConsumer",
         enable_utc=True,
     )
     return app
 
 
-class RecordingConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, also counting the task messages whose body does not decode (broken JSON)."""
+class GuardedConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer behind a gate: only well-formed JSON messages for our two tasks reach Celery.
 
-    def on_decode_error(self, message: Any, exc: Exception) -> None:
-        metrics.REJECTED_TASKS.labels("undecodable").inc()
-        super().on_decode_error(message, exc)
+    Anything else (pickle or another content type, broken JSON, a body or headers Celery would choke on,
+    other task names, workflows) is counted, dead-lettered and acknowledged here, so a poison message can
+    neither stop the worker nor hold a thread.
+    """
+
+    def create_task_handler(self, promise: Any = None) -> Any:
+        handler = super().create_task_handler() if promise is None else super().create_task_handler(promise)
+
+        def guarded(message: Any) -> Any:
+            problem = _message_problem(message)
+            if problem is None:
+                try:
+                    return handler(message)
+                except Exception as exc:  # Celery could not take the message apart
+                    problem = InvalidTask("malformed_message", f"{type(exc).__name__}: {str(exc)[:200]}")
+            _refuse(message, problem)
+            return None
+
+        return guarded
 
 
-@signals.task_unknown.connect
-def _count_unknown_task(**_: Any) -> None:
-    metrics.REJECTED_TASKS.labels("unknown_task").inc()
+def _message_problem(message: Any) -> InvalidTask | None:
+    if message.content_type != "application/json":
+        return InvalidTask(
+            "disallowed_content", f"content type {str(message.content_type)[:60]!r} is not JSON"
+        )
+    try:
+        body = message.decode()
+    except Exception as exc:
+        return InvalidTask("undecodable", f"body is not valid JSON: {str(exc)[:200]}")
+    return envelope_problem(message.headers, body)
 
 
-@signals.task_rejected.connect
-def _count_refused_message(exc: Exception | None = None, **_: Any) -> None:
-    """Celery refused a message: not a task message at all, or content it may not decode (pickle)."""
-    metrics.REJECTED_TASKS.labels("unknown_message" if exc is None else "disallowed_content").inc()
+def _refuse(message: Any, problem: InvalidTask) -> None:
+    """Count, log and dead-letter a message Celery must not see, then acknowledge it."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    task_name, task_id = str(headers.get("task", ""))[:80], headers.get("id")
+    metrics.REJECTED_TASKS.labels(problem.reason).inc()
+    log.warning("message refused: %s", problem, extra={"ctx": {"task": task_name, "task_id": task_id}})
+    raw = message.body.decode("utf-8", "replace") if isinstance(message.body, bytes) else str(message.body)
+    engine().reject(task_name, task_id if isinstance(task_id, str) else None, {"body": raw[:2000]}, problem)
+    message.ack()
 
 
 settings = load_settings()
@@ -88,18 +116,21 @@ def engine() -> Engine:
 
 
 @signals.worker_init.connect
-def _refuse_prefork(sender: Any = None, **_: Any) -> None:
+def _start_engine(sender: Any = None, **_: Any) -> None:
+    """Refuse the prefork pool, then start the engine before consuming; a failure stops the worker."""
     pool = getattr(sender, "pool_cls", None)
-    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
-    if "prefork" in str(name):
+    log.debug("worker pool %r", pool)
+    if "prefork" in str(getattr(pool, "__module__", pool)):
         raise SystemExit(
             "vbs-deleter runs with the threads or solo pool (-P threads); prefork is not supported"
         )
-
-
-@signals.worker_ready.connect
-def _start_engine(**_: Any) -> None:
-    engine()
+    try:
+        engine()
+    except OSError as exc:
+        raise SystemExit(
+            f"vbs-deleter: cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
+            f"(VBS_METRICS_HOST, VBS_METRICS_PORT): {exc.strerror or exc}"
+        ) from None
 
 
 @signals.worker_shutdown.connect

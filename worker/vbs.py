@@ -16,6 +16,8 @@ from worker.auth import Auth
 from worker.outcome import Answer
 from worker.settings import ApiMode, Settings
 
+MAX_BODY = 64 * 1024  # bytes of an answer read at most; longer bodies are cut (and then parse as non-JSON)
+
 _DELETE_ROUTES: dict[ApiMode, tuple[str, str]] = {
     "cloudbackups": ("POST", "/v2/{project_id}/cloudbackups/{backup_id}"),
     "native-v2": ("DELETE", "/v2/{project_id}/backups/{backup_id}"),
@@ -113,8 +115,8 @@ class VbsClient:
         url = self._base + path
         try:
             headers = await self._auth.headers(method, url, project_id)
-            async with self._session.request(method, url, headers=headers) as response:
-                body = await response.read()
+            async with self._session.request(method, url, headers=headers, allow_redirects=False) as response:
+                body = await response.content.read(MAX_BODY)
                 return parse_answer(response.status, response.headers, body)
         except (TimeoutError, aiohttp.ClientError) as exc:
             return Answer(status=0, transport_error=_transport_error(exc))

@@ -7,10 +7,11 @@ The kwargs follow worker/schemas/tasks.schema.json; at most 1000 IDs per vbs.del
 import sys
 import uuid
 
-from kombu import Connection, Exchange, Producer
+from kombu import Connection, Exchange, Producer, Queue
 
 
 def publish(redis_url: str, queue: str, project_id: str, backup_ids: list[str], request_id: str) -> None:
+    exchange = Exchange(queue)
     with Connection(redis_url) as conn:
         producer = Producer(conn)
         for start in range(0, len(backup_ids), 1000):
@@ -22,11 +23,13 @@ def publish(redis_url: str, queue: str, project_id: str, backup_ids: list[str], 
             task_id = str(uuid.uuid4())
             producer.publish(
                 [[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
-                exchange=Exchange(queue),
+                exchange=exchange,
                 routing_key=queue,
                 serializer="json",
                 headers={"lang": "py", "task": "vbs.delete_backups", "id": task_id, "root_id": task_id},
-                declare=[Exchange(queue)],
+                declare=[
+                    Queue(queue, exchange, routing_key=queue)
+                ],  # a message to an undeclared queue is lost
             )
 
 
