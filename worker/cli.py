@@ -1,4 +1,4 @@
-"""``vbs-deleter`` subcommands: worker, simulate, demo, status, dlq."""
+"""``vbs-deleter`` subcommands: worker, simulate, demo, status, dlq, submit, retention, beat (parsing)."""
 
 from __future__ import annotations
 
@@ -127,6 +127,51 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(count=args.count, fault_rate=args.fault_rate, ghost_rate=args.ghost_rate)
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from worker import submit
+
+    return submit.run(
+        _settings_or_exit(),
+        project_id=args.project,
+        ids=args.backup_ids,
+        source=args.file,
+        fmt=args.format,
+        strict=args.strict,
+        dry_run=args.dry_run,
+        batch_size=args.batch_size,
+        request_id=args.request_id,
+    )
+
+
+def _batch_size(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_BATCH}")
+    return value
+
+
+def _add_submit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from worker.submit import FORMATS
+
+    sub = commands.add_parser(
+        "submit",
+        help="enqueue deletions of backup IDs from arguments, a file or stdin",
+        description="Validate backup IDs and enqueue them as vbs.delete_backups tasks. Input: plain lines, "
+        "CSV with a header naming backup_id (and project_id), or JSON lines; format detected from the "
+        "first line. Exit status 0 all sent, 1 bad lines, 2 unusable input, 3 broker failure.",
+    )
+    sub.add_argument("backup_ids", nargs="*", metavar="BACKUP_ID", help="backup IDs (or use --file)")
+    sub.add_argument("--project", help="project of records that name none (32 hex characters)")
+    sub.add_argument("--file", metavar="F", help="read records from F ('-' for stdin)")
+    sub.add_argument("--format", choices=FORMATS, default="auto", help="input format (default: auto)")
+    sub.add_argument("--strict", action="store_true", help="refuse the whole input if any line is bad")
+    sub.add_argument("--dry-run", action="store_true", help="validate and count, enqueue nothing")
+    sub.add_argument(
+        "--batch-size", type=_batch_size, default=MAX_BATCH, help=f"IDs per task (1..{MAX_BATCH})"
+    )
+    sub.add_argument("--request-id", help="correlation id logged by the worker (default: submit-<random>)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vbs-deleter`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -154,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--all", action="store_true", help="every dead-lettered deletion")
     replay.add_argument("backup_ids", nargs="*", metavar="BACKUP_ID")
     dlq_commands.add_parser("purge", help="delete every dead letter")
+    _add_submit(commands)
     args = parser.parse_args(argv)
-    handlers = {"worker": _worker, "demo": _demo, "status": _status, "dlq": _dlq}
+    handlers = {"worker": _worker, "demo": _demo, "status": _status, "dlq": _dlq, "submit": _submit}
     return handlers[args.command](args)
 
 
