@@ -172,6 +172,35 @@ def _add_submit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     sub.add_argument("--request-id", help="correlation id logged by the worker (default: submit-<random>)")
 
 
+def _retention(args: argparse.Namespace) -> int:
+    from worker import beat
+    from worker.retention import PolicyError
+
+    settings = _settings_or_exit()
+    try:
+        if args.command == "beat":
+            return beat.main(settings, beat.load(settings))
+        return beat.command(settings, args.policy, args.action == "run", args.json)
+    except PolicyError as exc:
+        print(f"vbs-deleter: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_retention(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    retention = commands.add_parser("retention", help="plan or run the retention policies once")
+    actions = retention.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("plan", "print what the policies would delete and why (nothing is enqueued)"),
+        ("run", "list, plan and enqueue the deletions now"),
+    ):
+        parser = actions.add_parser(action, help=text, description=text)
+        parser.add_argument("--policy", help="only this policy (default: every policy in VBS_RETENTION_FILE)")
+        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    commands.add_parser(
+        "beat", help="run the retention policies on their schedules (metrics on VBS_BEAT_METRICS_PORT)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vbs-deleter`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -200,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("backup_ids", nargs="*", metavar="BACKUP_ID")
     dlq_commands.add_parser("purge", help="delete every dead letter")
     _add_submit(commands)
+    _add_retention(commands)
     args = parser.parse_args(argv)
     handlers = {"worker": _worker, "demo": _demo, "status": _status, "dlq": _dlq, "submit": _submit}
+    handlers |= {"retention": _retention, "beat": _retention}
     return handlers[args.command](args)
 
 
