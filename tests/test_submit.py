@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from tests.conftest import PROJECT, Sim, Worker
+from worker import keys
 from worker.scrape import by_label
 from worker.submit import BadLine, detect_format, parse
 
@@ -188,7 +189,18 @@ def test_broker_down_is_reported(queue: str) -> None:
 
     result = run_submit(f"redis://127.0.0.1:{free_port()}/0", queue, "--project", PROJECT, *ids(2))
     assert result.returncode == 3
-    assert "enqueue failed after 0 tasks (0 IDs)" in result.stderr
+    assert "cannot read the ledger at VBS_REDIS_URL" in result.stderr
+
+
+def test_ids_the_ledger_has_as_done_are_skipped_and_counted(redis_url: str, queue: str) -> None:
+    done, gone, queued_before, fresh = ids(4)
+    client = redis.Redis.from_url(redis_url)
+    for backup_id, state in ((done, "accepted"), (gone, "already_gone"), (queued_before, "queued")):
+        client.hset(keys.ledger(PROJECT, backup_id), mapping={"state": state})
+    result = run_submit(redis_url, queue, "--project", PROJECT, done, gone, queued_before, fresh)
+    assert result.returncode == 0, result.stderr
+    assert "records 4, valid 2, bad 0, duplicates 0, already done 2" in result.stdout
+    assert [kw["backup_ids"] for _, _, kw in queued(redis_url, queue)] == [[queued_before, fresh]]
 
 
 def test_100k_ids_from_a_file(redis_url: str, queue: str, tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from prometheus_client import generate_latest
 from worker import logs, metrics
 from worker.auth import StaticTokenAuth
 from worker.producer import Producer, batches
+from worker.ratelimit import RateLimiter
 from worker.retention import Plan, Policy, PolicyError, load_policies, plan, table
 from worker.settings import Settings
 from worker.vbs import ListingError, VbsClient, new_session
@@ -53,9 +54,29 @@ def _count_list_call(status: int, seconds: float) -> None:
     metrics.REQUEST_DURATION.labels("list").observe(seconds)
 
 
-async def plan_policy(client: VbsClient, name: str, policy: Policy) -> Plan:
+@dataclass(frozen=True)
+class Lister:
+    """The VBS client a retention run lists with (same auth interface as the worker's deletes) and the
+    shared rate limiter its pages draw from (the poll budget when ``VBS_POLL_RATE_LIMIT`` is set)."""
+
+    client: VbsClient
+    limiter: RateLimiter
+
+
+def lister(session: aiohttp.ClientSession, redis_client: aioredis.Redis, settings: Settings) -> Lister:
+    client = VbsClient(session, settings, StaticTokenAuth(settings.auth_token))
+    if settings.poll_rate_limit > 0:
+        limiter = RateLimiter(redis_client, "poll", settings.poll_rate_limit, settings.rate_burst)
+    else:
+        limiter = RateLimiter(redis_client, "delete", settings.rate_limit, settings.rate_burst)
+    return Lister(client, limiter)
+
+
+async def plan_policy(source: Lister, name: str, policy: Policy) -> Plan:
     """List the policy's project completely and plan; :class:`ListingError` if any page fails."""
-    listing = await client.list_backups(policy.project_id, on_page=_count_list_call)
+    listing = await source.client.list_backups(
+        policy.project_id, on_page=_count_list_call, before_page=source.limiter.acquire
+    )
     return plan(name, policy, listing, datetime.now(UTC))
 
 
@@ -85,7 +106,7 @@ class EnqueueFailed(RuntimeError):
         self.sent = sent
 
 
-async def run_policy(client: VbsClient, producer: Producer, name: str, policy: Policy) -> RunResult:
+async def run_policy(client: Lister, producer: Producer, name: str, policy: Policy) -> RunResult:
     """One full run with its metrics and log lines; never raises for listing or broker failures."""
     ctx: dict[str, object] = {"policy": name, "project_id": policy.project_id}
     try:
@@ -113,27 +134,26 @@ async def run_policy(client: VbsClient, producer: Producer, name: str, policy: P
     return RunResult(name, "ok", planned, sent)
 
 
-def vbs_client(session: aiohttp.ClientSession, settings: Settings) -> VbsClient:
-    """The client a retention run lists with: the same auth interface as the worker's deletes."""
-    return VbsClient(session, settings, StaticTokenAuth(settings.auth_token))
-
-
 async def run_once(
     settings: Settings, policies: dict[str, Policy], enqueue: bool
 ) -> list[RunResult | tuple[str, Plan | ListingError]]:
     """``retention run`` (enqueue) or ``retention plan`` (plans or listing errors, nothing sent)."""
-    async with new_session(settings) as session:
-        client = vbs_client(session, settings)
-        if not enqueue:
-            out: list[RunResult | tuple[str, Plan | ListingError]] = []
-            for name, policy in policies.items():
-                try:
-                    out.append((name, await plan_policy(client, name, policy)))
-                except ListingError as exc:
-                    out.append((name, exc))
-            return out
-        with Producer(settings.redis_url, settings.queue) as producer:
-            return [await run_policy(client, producer, n, p) for n, p in policies.items()]
+    redis_client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        async with new_session(settings) as session:
+            source = lister(session, redis_client, settings)
+            if not enqueue:
+                out: list[RunResult | tuple[str, Plan | ListingError]] = []
+                for name, policy in policies.items():
+                    try:
+                        out.append((name, await plan_policy(source, name, policy)))
+                    except ListingError as exc:
+                        out.append((name, exc))
+                return out
+            with Producer(settings.redis_url, settings.queue) as producer:
+                return [await run_policy(source, producer, n, p) for n, p in policies.items()]
+    finally:
+        await redis_client.aclose()
 
 
 async def _serve_metrics(_: web.Request) -> web.Response:
@@ -144,13 +164,11 @@ class _State:
     """Last attempt and success per policy in Redis; a Redis failure is logged and treated as unknown."""
 
     def __init__(self, url: str) -> None:
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
     async def read(self, policy: str) -> tuple[float | None, float | None]:
         try:
-            values = await self._redis.hmget(
-                STATE_KEY.format(policy=policy), ["last_attempt", "last_success"]
-            )
+            values = await self.redis.hmget(STATE_KEY.format(policy=policy), ["last_attempt", "last_success"])
         except redis.RedisError as exc:
             log.warning("cannot read the schedule state of %s: %s", policy, exc)
             return None, None
@@ -159,12 +177,12 @@ class _State:
 
     async def write(self, policy: str, **fields: float) -> None:
         try:
-            await self._redis.hset(STATE_KEY.format(policy=policy), mapping=fields)  # type: ignore[arg-type]
+            await self.redis.hset(STATE_KEY.format(policy=policy), mapping=fields)
         except redis.RedisError as exc:
             log.warning("cannot store the schedule state of %s: %s", policy, exc)
 
     async def close(self) -> None:
-        await self._redis.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose
+        await self.redis.aclose()
 
 
 def _moment(unix: float | None) -> datetime | None:
@@ -190,7 +208,7 @@ async def beat(settings: Settings, policies: dict[str, Policy], stop: asyncio.Ev
         log.info("policy %s next runs at %s", name, due[name].isoformat(timespec="seconds"))
     try:
         async with new_session(settings) as session:
-            client = vbs_client(session, settings)
+            client = lister(session, state.redis, settings)
             with Producer(settings.redis_url, settings.queue) as producer:
                 while not stop.is_set():
                     for name in sorted(due, key=due.__getitem__):

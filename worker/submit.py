@@ -20,6 +20,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, TextIO
 
+import redis
+
+from worker import ledger
 from worker.contract import MAX_BATCH, is_backup_id, is_project_id
 from worker.producer import Producer, batches
 from worker.progress import draw
@@ -162,10 +165,10 @@ def skip_known(sub: Submission, known: Callable[[str, list[str]], set[str]]) -> 
             sub.known += 1
 
 
-def ledger_known(redis_url: str) -> Callable[[str, list[str]], set[str]] | None:
-    """INTEGRATION POINT (ledger): a function giving which of a project's IDs the ledger has as accepted
-    or already gone, or None while ``worker/ledger.py`` does not exist yet (nothing is skipped then)."""
-    return None
+def ledger_known(redis_url: str) -> Callable[[str, list[str]], set[str]]:
+    """Which of a project's IDs the ledger already has as accepted or gone (one pipelined read each)."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+    return lambda project_id, ids: ledger.done_ids(client, project_id, ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,9 +252,13 @@ def run(
     if strict and sub.bad:
         print(f"refused: {len(sub.bad)} bad lines and --strict: nothing enqueued", file=sys.stderr)
         return 1
-    known = ledger_known(settings.redis_url)
-    if known is not None:
-        skip_known(sub, known)
+    try:
+        skip_known(sub, ledger_known(settings.redis_url))
+    except redis.RedisError as exc:
+        if not dry_run:
+            print(f"vbs-deleter submit: cannot read the ledger at VBS_REDIS_URL: {exc}", file=sys.stderr)
+            return 3
+        print(f"dry run: ledger not read ({exc}); already-done IDs are counted as valid", file=sys.stderr)
     request_id = request_id or f"submit-{uuid.uuid4().hex[:12]}"
     tasks = sum(-(-len(ids) // batch_size) for ids in sub.ids.values())
     print(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -146,11 +146,15 @@ class VbsClient:
             return Answer(status=0, transport_error=_transport_error(exc))
 
     async def list_backups(
-        self, project_id: str, on_page: Callable[[int, float], None] | None = None
+        self,
+        project_id: str,
+        on_page: Callable[[int, float], None] | None = None,
+        before_page: Callable[[], Awaitable[object]] | None = None,
     ) -> list[dict[str, Any]]:
         """Every backup of the project: ``GET /v3/{p}/backups/detail`` pages of at most 1000, following the
-        next link's query string against the configured endpoint. ``on_page(status, seconds)`` is called
-        per request. Raises :class:`ListingError` on any failed page (the caller must not act on a part).
+        next link's query string against the configured endpoint. ``before_page()`` is awaited before each
+        request (a rate limiter), ``on_page(status, seconds)`` called after it. Raises
+        :class:`ListingError` on any failed page (the caller must not act on a part).
         """
         path = f"{self._base}/v3/{project_id}/backups/detail"
         query: str | None = f"limit={LIST_PAGE}"
@@ -162,6 +166,8 @@ class VbsClient:
                 raise ListingError(f"listing of {project_id} loops at page {pages + 1}", pages)
             seen.add(query)
             url = f"{path}?{query}"
+            if before_page is not None:
+                await before_page()
             started = asyncio.get_running_loop().time()
             try:
                 headers = await self._auth.headers("GET", url, project_id)
