@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install lint format test demo bench all clean
+.PHONY: install node lint format test demo bench all clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required" if sys.version_info < (3, 11) else 0)'
@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the celery-node producer test's packages (skipped quietly here when npm is missing; the test says so)
+tests/node/node_modules/.package-lock.json: tests/node/package-lock.json
+	if command -v npm >/dev/null; then npm ci --prefix tests/node --no-audit --no-fund; fi
+
+node: tests/node/node_modules/.package-lock.json
+
 lint: install
 	$(BIN)/ruff check worker tests bench deploy
 	$(BIN)/ruff format --check worker tests bench deploy
@@ -25,7 +31,7 @@ format: install
 	$(BIN)/ruff check --fix worker tests bench deploy
 	$(BIN)/ruff format worker tests bench deploy
 
-test: install
+test: install node
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 demo: install
@@ -34,7 +40,7 @@ demo: install
 all: lint test
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache tests/node/node_modules
 
 bench: install
 	$(BIN)/python bench/rate_fidelity.py --rate 40 --workers 3 --deletions 1200 --runs 3

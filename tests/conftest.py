@@ -40,10 +40,15 @@ class Sim:
         self.url = child.url
 
     def seed(
-        self, count: int = 0, backups: list[dict[str, Any]] | None = None, project: str = PROJECT
+        self,
+        count: int = 0,
+        backups: list[dict[str, Any]] | None = None,
+        project: str = PROJECT,
+        **fields: Any,
     ) -> list[str]:
+        """Seed ``backups`` specs, or ``count`` backups sharing ``fields`` (age_days, status, ...)."""
         body: dict[str, Any] = {"project_id": project}
-        body.update({"backups": backups} if backups is not None else {"count": count})
+        body.update({"backups": backups} if backups is not None else {"count": count, **fields})
         return list(processes.http_json(self.url + "/_sim/seed", body)["ids"])
 
     def stats(self, detail: bool = False) -> dict[str, Any]:

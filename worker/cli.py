@@ -1,4 +1,4 @@
-"""``vbs-deleter`` subcommands: worker, simulate, demo, status, dlq."""
+"""``vbs-deleter`` subcommands: worker, simulate, demo, status, dlq, submit, retention, beat (parsing)."""
 
 from __future__ import annotations
 
@@ -127,6 +127,80 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(count=args.count, fault_rate=args.fault_rate, ghost_rate=args.ghost_rate)
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from worker import submit
+
+    return submit.run(
+        _settings_or_exit(),
+        project_id=args.project,
+        ids=args.backup_ids,
+        source=args.file,
+        fmt=args.format,
+        strict=args.strict,
+        dry_run=args.dry_run,
+        batch_size=args.batch_size,
+        request_id=args.request_id,
+    )
+
+
+def _batch_size(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_BATCH}")
+    return value
+
+
+def _add_submit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from worker.submit import FORMATS
+
+    sub = commands.add_parser(
+        "submit",
+        help="enqueue deletions of backup IDs from arguments, a file or stdin",
+        description="Validate backup IDs and enqueue them as vbs.delete_backups tasks. Input: plain lines, "
+        "CSV with a header naming backup_id (and project_id), or JSON lines; format detected from the "
+        "first line. Exit status 0 all sent, 1 bad lines, 2 unusable input, 3 broker failure.",
+    )
+    sub.add_argument("backup_ids", nargs="*", metavar="BACKUP_ID", help="backup IDs (or use --file)")
+    sub.add_argument("--project", help="project of records that name none (32 hex characters)")
+    sub.add_argument("--file", metavar="F", help="read records from F ('-' for stdin)")
+    sub.add_argument("--format", choices=FORMATS, default="auto", help="input format (default: auto)")
+    sub.add_argument("--strict", action="store_true", help="refuse the whole input if any line is bad")
+    sub.add_argument("--dry-run", action="store_true", help="validate and count, enqueue nothing")
+    sub.add_argument(
+        "--batch-size", type=_batch_size, default=MAX_BATCH, help=f"IDs per task (1..{MAX_BATCH})"
+    )
+    sub.add_argument("--request-id", help="correlation id logged by the worker (default: submit-<random>)")
+
+
+def _retention(args: argparse.Namespace) -> int:
+    from worker import beat
+    from worker.retention import PolicyError
+
+    settings = _settings_or_exit()
+    try:
+        if args.command == "beat":
+            return beat.main(settings, beat.load(settings))
+        return beat.command(settings, args.policy, args.action == "run", args.json)
+    except PolicyError as exc:
+        print(f"vbs-deleter: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_retention(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    retention = commands.add_parser("retention", help="plan or run the retention policies once")
+    actions = retention.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("plan", "print what the policies would delete and why (nothing is enqueued)"),
+        ("run", "list, plan and enqueue the deletions now"),
+    ):
+        parser = actions.add_parser(action, help=text, description=text)
+        parser.add_argument("--policy", help="only this policy (default: every policy in VBS_RETENTION_FILE)")
+        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    commands.add_parser(
+        "beat", help="run the retention policies on their schedules (metrics on VBS_BEAT_METRICS_PORT)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vbs-deleter`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -154,8 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--all", action="store_true", help="every dead-lettered deletion")
     replay.add_argument("backup_ids", nargs="*", metavar="BACKUP_ID")
     dlq_commands.add_parser("purge", help="delete every dead letter")
+    _add_submit(commands)
+    _add_retention(commands)
     args = parser.parse_args(argv)
-    handlers = {"worker": _worker, "demo": _demo, "status": _status, "dlq": _dlq}
+    handlers = {"worker": _worker, "demo": _demo, "status": _status, "dlq": _dlq, "submit": _submit}
+    handlers |= {"retention": _retention, "beat": _retention}
     return handlers[args.command](args)
 
 

@@ -44,6 +44,16 @@ class DeletionRequest:
     request_id: str | None
 
 
+def is_project_id(value: str) -> bool:
+    """True when ``value`` is a valid ``project_id`` (32 hex characters)."""
+    return _PROJECT_ID.fullmatch(value) is not None
+
+
+def is_backup_id(value: str) -> bool:
+    """True when ``value`` is a valid backup ID (canonical 8-4-4-4-12 UUID)."""
+    return _BACKUP_ID.fullmatch(value) is not None
+
+
 def _check_string(name: str, value: object, pattern: re.Pattern[str]) -> str:
     if not isinstance(value, str):
         raise InvalidTask("wrong_type", f"{name} must be a string, got {type(value).__name__}")

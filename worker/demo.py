@@ -16,20 +16,12 @@ from pathlib import Path
 
 import redis
 
-from worker import processes
+from worker import processes, progress
 from worker.producer import Producer
 from worker.scrape import by_label, scrape, total
 from worker.settings import SettingsError, load_settings
 
 PROJECT_ID = "0" * 24 + "de3000de"
-
-
-def _progress(done: float, count: int, started: float) -> None:
-    width = 40
-    filled = int(width * done / count) if count else width
-    rate = done / max(time.monotonic() - started, 1e-9)
-    sys.stdout.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {int(done)}/{count}  {rate:7.1f}/s")
-    sys.stdout.flush()
 
 
 def main(count: int = 1000, fault_rate: float = 0.05, ghost_rate: float = 0.02) -> int:
@@ -105,7 +97,7 @@ def main(count: int = 1000, fault_rate: float = 0.05, ghost_rate: float = 0.02) 
         deadline = started + max(120.0, count / 10)
         while time.monotonic() < deadline:
             done = total(scrape(worker.url + "/metrics"), "vbs_deleter_deletions_total")
-            _progress(done, count, started)
+            progress.draw(sys.stdout, done, count, started)
             if done >= count:
                 break
             time.sleep(0.25)

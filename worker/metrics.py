@@ -58,6 +58,38 @@ REJECTED_TASKS = Counter(
     registry=REGISTRY,
 )
 
+RETENTION_CANDIDATES = Counter(
+    f"{PREFIX}_retention_candidates",
+    "Backups a retention policy run found expired (enqueued plus skipped), by policy.",
+    ["policy"],
+    registry=REGISTRY,
+)
+RETENTION_ENQUEUED = Counter(
+    f"{PREFIX}_retention_enqueued",
+    "Backups a retention policy run put on the deletion queue, by policy.",
+    ["policy"],
+    registry=REGISTRY,
+)
+RETENTION_SKIPPED = Counter(
+    f"{PREFIX}_retention_skipped",
+    "Expired backups a retention run did not enqueue, by policy and reason (keep_newest, has_dependants, "
+    "waiting_for_dependants, cap, unparseable).",
+    ["policy", "reason"],
+    registry=REGISTRY,
+)
+RETENTION_RUNS = Counter(
+    f"{PREFIX}_retention_runs",
+    "Retention policy runs by result: ok, list_failed (nothing enqueued), enqueue_failed.",
+    ["policy", "result"],
+    registry=REGISTRY,
+)
+RETENTION_LAST_SUCCESS = Gauge(
+    f"{PREFIX}_retention_last_success_timestamp_seconds",
+    "Unix time at which the policy's last successful run ended, seconds.",
+    ["policy"],
+    registry=REGISTRY,
+)
+
 
 def status_label(status: int) -> str:
     """HTTP status as a label; 0 (no answer) becomes 'none'."""

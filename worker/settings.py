@@ -72,6 +72,11 @@ class Settings(BaseModel):
     visibility_timeout: int = Field(3600, ge=1, description="seconds before Redis redelivers an unacked task")
     heartbeat_interval: float = Field(10.0, gt=0, description="seconds between worker heartbeats (TTL: 3x)")
 
+    retention_file: str | None = Field(None, description="TOML file of retention policies ([policies.NAME])")
+    beat_metrics_port: int = Field(
+        9809, ge=0, le=65535, description="port of the beat process's /metrics; 0 picks a free one"
+    )
+
     metrics_host: str = Field("0.0.0.0", description="address of the /metrics listener")
     metrics_port: int = Field(9808, ge=0, le=65535, description="port of /metrics; 0 picks a free one")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log threshold")
@@ -149,10 +154,10 @@ class Settings(BaseModel):
             raise ValueError("contains spaces or control characters (a header value cannot carry them)")
         return value
 
-    @field_validator("auth_token", mode="before")
+    @field_validator("auth_token", "retention_file", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
-        """An empty secret means "not set", so a blank line in a file sends no header."""
+        """An empty value means "not set" (a blank token sends no header, a blank file names none)."""
         return None if value == "" else value
 
     @field_validator("log_level", mode="before")

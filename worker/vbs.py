@@ -1,14 +1,16 @@
-"""VBS HTTP client: the delete call per API mode and the parsing of its three error body shapes.
+"""VBS HTTP client: the delete call per API mode, the backup listing, and parsing of the error body shapes.
 
-Knows nothing of retries or Celery: one call is one attempt, returned as an :class:`~worker.outcome.Answer`.
+Knows nothing of retries or Celery: one delete call is one attempt, returned as an
+:class:`~worker.outcome.Answer`; a listing either returns every page or raises :class:`ListingError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -29,6 +31,30 @@ def delete_route(api: ApiMode, project_id: str, backup_id: str) -> tuple[str, st
     """Method and path of the delete call. IDs are validated before they get here (no path characters)."""
     method, template = _DELETE_ROUTES[api]
     return method, template.format(project_id=project_id, backup_id=backup_id)
+
+
+LIST_PAGE = 1000  # the most backups VBS returns per list page
+MAX_LIST_PAGES = 10_000  # a listing longer than this is refused as a paging loop
+
+
+class ListingError(RuntimeError):
+    """A backup listing failed part-way; ``pages`` were read before it, ``status`` 0 means no answer."""
+
+    def __init__(self, message: str, pages: int, status: int = 0) -> None:
+        super().__init__(message)
+        self.pages = pages
+        self.status = status
+
+
+def next_query(body: Mapping[str, Any]) -> str | None:
+    """The query string of the ``rel: next`` entry of ``backups_links`` (its host is never used), or None."""
+    links = body.get("backups_links")
+    if not isinstance(links, list):
+        return None
+    for link in links:
+        if isinstance(link, dict) and link.get("rel") == "next" and isinstance(link.get("href"), str):
+            return urlsplit(link["href"]).query or None
+    return None
 
 
 def parse_answer(status: int, headers: Mapping[str, str], body: bytes) -> Answer:
@@ -120,3 +146,60 @@ class VbsClient:
                 return parse_answer(response.status, response.headers, body)
         except (TimeoutError, aiohttp.ClientError) as exc:
             return Answer(status=0, transport_error=_transport_error(exc))
+
+    async def list_backups(
+        self,
+        project_id: str,
+        on_page: Callable[[int, float], None] | None = None,
+        before_page: Callable[[], Awaitable[object]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Every backup of the project: ``GET /v3/{p}/backups/detail`` pages of at most 1000, following the
+        next link's query string against the configured endpoint. ``before_page()`` is awaited before each
+        request (a rate limiter), ``on_page(status, seconds)`` called after it. Raises
+        :class:`ListingError` on any failed page (the caller must not act on a part).
+        """
+        path = f"{self._base}/v3/{project_id}/backups/detail"
+        query: str | None = f"limit={LIST_PAGE}"
+        backups: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        pages = 0
+        while query is not None:
+            if query in seen or pages >= MAX_LIST_PAGES:
+                raise ListingError(f"listing of {project_id} loops at page {pages + 1}", pages)
+            seen.add(query)
+            url = f"{path}?{query}"
+            if before_page is not None:
+                await before_page()
+            started = asyncio.get_running_loop().time()
+            try:
+                headers = await self._auth.headers("GET", url, project_id)
+                async with self._session.get(url, headers=headers) as response:
+                    status, body = response.status, await response.read()
+                    answer_headers = response.headers
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                if on_page is not None:
+                    on_page(0, asyncio.get_running_loop().time() - started)
+                raise ListingError(
+                    f"page {pages + 1} of {project_id}: no answer ({_transport_error(exc)})", pages
+                ) from None
+            if on_page is not None:
+                on_page(status, asyncio.get_running_loop().time() - started)
+            data: Any = None
+            if status == 200:
+                try:
+                    data = json.loads(body)
+                except (ValueError, UnicodeDecodeError):
+                    data = None
+            if not isinstance(data, dict) or not isinstance(data.get("backups"), list):
+                answer = parse_answer(status, answer_headers, body)
+                detail = f"{answer.error_code}: {answer.message}" if answer.error_code else "unexpected body"
+                raise ListingError(
+                    f"page {pages + 1} of {project_id}: status {status} ({detail}), "
+                    f"request id {answer.request_id}",
+                    pages,
+                    status,
+                )
+            backups.extend(data["backups"])
+            pages += 1
+            query = next_query(data)
+        return backups
