@@ -84,3 +84,15 @@ def test_error_shapes(
 
 def test_retry_after_header_is_kept() -> None:
     assert parse_answer(429, {"Retry-After": "2"}, b"").retry_after == "2"
+
+
+def test_proxy_from_the_standard_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.vbs import proxy_for
+
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert proxy_for("https://vbs.eu-de.otc.t-systems.com") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert proxy_for("https://vbs.eu-de.otc.t-systems.com") == "http://proxy.internal:3128"
+    monkeypatch.setenv("NO_PROXY", ".t-systems.com")
+    assert proxy_for("https://vbs.eu-de.otc.t-systems.com") is None

@@ -20,8 +20,10 @@ from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from worker import keys
+from worker.coalesce import Coalescer
 
 _CLAIM = files("worker").joinpath("lua/ledger_claim.lua").read_text()
 DONE_STATES = frozenset({"accepted", "already_gone"})
@@ -74,6 +76,7 @@ class Ledger:
         self._ttl = ttl
         self.owner = owner
         self._claim = client.register_script(_CLAIM)
+        self._batch = Coalescer(client)
 
     async def heartbeat(self, ttl: int) -> None:
         """Prove this worker alive for ``ttl`` seconds."""
@@ -84,18 +87,29 @@ class Ledger:
         await self._client.delete(keys.heartbeat(self.owner))
 
     async def claim(self, project_id: str, backup_id: str, request_id: str | None) -> tuple[str, str]:
-        """('claimed'|'done'|'busy', detail); see worker/lua/ledger_claim.lua."""
-        verdict, detail = await self._claim(
-            keys=[keys.ledger(project_id, backup_id)],
-            args=[self.owner, keys.heartbeat(""), self._ttl, request_id or "", project_id, backup_id],
-        )
+        """('claimed'|'done'|'busy', detail); see worker/lua/ledger_claim.lua. Pipelined with other calls."""
+        args: list[str] = [
+            self.owner,
+            keys.heartbeat(""),
+            str(self._ttl),
+            request_id or "",
+            project_id,
+            backup_id,
+        ]
+
+        def add(pipe: Pipeline) -> int:
+            pipe.scripts.add(self._claim)  # type: ignore[arg-type]  # the pipeline (re)loads it if needed
+            pipe.evalsha(self._claim.sha, 1, keys.ledger(project_id, backup_id), *args)
+            return 1
+
+        ((verdict, detail),) = await self._batch.run(add)
         return _text(verdict), _text(detail)
 
     async def release(self, project_id: str, backup_id: str) -> None:
         """Give back a claim that was not worked on (shutdown): the record returns to ``queued``."""
-        await cast(
-            Awaitable[int],
-            self._client.hset(keys.ledger(project_id, backup_id), mapping={"state": "queued", "owner": ""}),
+        key = keys.ledger(project_id, backup_id)
+        await self._batch.run(
+            lambda pipe: bool(pipe.hset(key, mapping={"state": "queued", "owner": ""})) and 1
         )
 
     async def finish(
@@ -106,50 +120,46 @@ class Ledger:
         update: Mapping[str, object],
         dead_letter: DeadLetter | None = None,
     ) -> None:
-        """Record a final state (and the dead letter, if any) in one transaction."""
+        """Record a final state and the dead letter, if any (pipelined with other calls)."""
         key = keys.ledger(project_id, backup_id)
         attempts = int(str(update.get("attempts", 0)))
         fields = _fields({**update, "state": state, "owner": "", "last_ts": f"{time.time():.6f}"})
         fields.pop("attempts", None)
-        async with self._client.pipeline(transaction=True) as pipe:
+
+        def add(pipe: Pipeline) -> int:
             pipe.hset(key, mapping=fields)
             pipe.hincrby(key, "attempts", attempts)
             pipe.expire(key, self._ttl)
-            if dead_letter is not None:
-                _add_dead_letter(pipe, dead_letter)
-            await pipe.execute()
+            return 3 + (_add_dead_letter(pipe, dead_letter) if dead_letter is not None else 0)
+
+        await self._batch.run(add)
 
     async def reject(self, pairs: Iterable[tuple[str, str]], dead_letter: DeadLetter) -> None:
         """Record a rejected task: its dead letter, and state ``rejected`` for each well-formed backup ID."""
         now = f"{time.time():.6f}"
-        async with self._client.pipeline(transaction=True) as pipe:
-            for project_id, backup_id in pairs:
+        fields = {"state": "rejected", "last_ts": now, "error": dead_letter.reason}
+        chosen = list(pairs)
+
+        def add(pipe: Pipeline) -> int:
+            for project_id, backup_id in chosen:
                 key = keys.ledger(project_id, backup_id)
-                pipe.hset(
-                    key,
-                    mapping=_fields(
-                        {
-                            "state": "rejected",
-                            "last_ts": now,
-                            "project_id": project_id,
-                            "backup_id": backup_id,
-                            "error": dead_letter.reason,
-                        }
-                    ),
-                )
+                pipe.hset(key, mapping={**fields, "project_id": project_id, "backup_id": backup_id})
                 pipe.hsetnx(key, "first_ts", now)
                 pipe.expire(key, self._ttl)
-            _add_dead_letter(pipe, dead_letter)
-            await pipe.execute()
+            return 3 * len(chosen) + _add_dead_letter(pipe, dead_letter)
+
+        await self._batch.run(add)
 
     async def dead_letter_count(self) -> int:
         """Entries in the dead-letter store."""
         return int(await cast(Awaitable[int], self._client.hlen(keys.DEAD_LETTERS)))
 
 
-def _add_dead_letter(pipe: Any, letter: DeadLetter) -> None:
+def _add_dead_letter(pipe: Any, letter: DeadLetter) -> int:
+    """Queue the commands that store ``letter``; returns how many."""
     pipe.hset(keys.DEAD_LETTERS, letter.entry_id, json.dumps(asdict(letter)))
     pipe.zadd(keys.DEAD_LETTER_ORDER, {letter.entry_id: letter.ts})
+    return 2
 
 
 def _text(value: object) -> str:

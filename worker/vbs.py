@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -112,6 +113,14 @@ def _transport_error(exc: BaseException) -> str:
     return "connection"
 
 
+def proxy_for(url: str) -> str | None:
+    """The proxy the standard variables (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) give for ``url``, or None."""
+    parts = urlsplit(url)
+    if parts.hostname is None or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
 def new_session(settings: Settings) -> aiohttp.ClientSession:
     """The one session of a worker process; create it inside the running loop that will use it."""
     connector = aiohttp.TCPConnector(limit=settings.concurrency, ssl=settings.verify_tls)
@@ -121,7 +130,7 @@ def new_session(settings: Settings) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
-        trust_env=True,
+        trust_env=False,  # proxies come from proxy_for(), resolved once, not on every request
         headers={"Content-Type": "application/json", "Accept": "application/json"},
     )
 
@@ -132,6 +141,7 @@ class VbsClient:
     def __init__(self, session: aiohttp.ClientSession, settings: Settings, auth: Auth) -> None:
         self._session = session
         self._base = settings.endpoint.rstrip("/")
+        self._proxy = proxy_for(self._base)
         self._api = settings.api
         self._auth = auth
 
@@ -141,7 +151,9 @@ class VbsClient:
         url = self._base + path
         try:
             headers = await self._auth.headers(method, url, project_id)
-            async with self._session.request(method, url, headers=headers, allow_redirects=False) as response:
+            async with self._session.request(
+                method, url, headers=headers, allow_redirects=False, proxy=self._proxy
+            ) as response:
                 body = await response.content.read(MAX_BODY)
                 return parse_answer(response.status, response.headers, body)
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -173,7 +185,7 @@ class VbsClient:
             started = asyncio.get_running_loop().time()
             try:
                 headers = await self._auth.headers("GET", url, project_id)
-                async with self._session.get(url, headers=headers) as response:
+                async with self._session.get(url, headers=headers, proxy=self._proxy) as response:
                     status, body = response.status, await response.read()
                     answer_headers = response.headers
             except (TimeoutError, aiohttp.ClientError) as exc:
