@@ -262,8 +262,8 @@ class Settings(BaseModel):
         }
         given = {mode: names for mode, names in chosen.items() if names}
         if len(given) > 1:
-            names = ", ".join(name for names in given.values() for name in names)
-            raise ValueError(f"choose one way to authenticate; these settings conflict: {names}")
+            clash = ", ".join(name for names in given.values() for name in names)
+            raise ValueError(f"choose one way to authenticate; these settings conflict: {clash}")
         if not given:
             return "none"
         mode, names = next(iter(given.items()))
