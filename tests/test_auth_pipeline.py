@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
+import secrets
+import subprocess
+import sys
+import urllib.request
+import uuid
 from collections.abc import Callable
 
+import pytest
+import redis
+
 from tests.conftest import PROJECT, Sim, Worker
+from worker import keys
 from worker.processes import wait_until
 from worker.producer import Producer
 from worker.scrape import by_label
@@ -105,3 +115,104 @@ def test_wrong_secret_key_stops_sending_before_the_lockout(
     assert worker.count("vbs_deleter_auth_blocked") == 1
     assert "stopped sending to avoid the gateway's 5-minute key lockout" in worker.log()
     assert sim.stats()["requests"]["delete"] == 3
+
+
+def redis_dump(url: str) -> str:
+    """Every key and value in Redis as text, except the values of the IAM token cache (secret by design)."""
+    client = redis.Redis.from_url(url)
+    parts: list[bytes] = []
+    for key in client.scan_iter():
+        parts.append(key)
+        if key.decode().startswith(keys.iam_token("")):
+            continue
+        kind = client.type(key).decode()
+        if kind == "string":
+            parts.append(client.get(key) or b"")
+        elif kind == "list":
+            parts.extend(client.lrange(key, 0, -1))
+        elif kind == "hash":
+            parts.extend(item for pair in client.hgetall(key).items() for item in pair)
+        elif kind in ("set", "zset"):
+            parts.extend(client.smembers(key) if kind == "set" else client.zrange(key, 0, -1))
+    client.close()
+    return "\n".join(part.decode(errors="replace") for part in parts)
+
+
+def cli_output(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("mode", ["token", "iam", "aksk"])
+def test_no_secret_or_prefix_of_one_in_any_output(
+    mode: str,
+    start_sim: Callable[..., Sim],
+    start_worker: Callable[..., Worker],
+    producer: Producer,
+    redis_url: str,
+) -> None:
+    secret = f"{mode}-{secrets.token_urlsafe(24)}"
+    faults = ("--fault-rate", "0.2", "--seed", "7")
+    if mode == "token":
+        sim, env = start_sim("--token", secret, *faults), {"VBS_AUTH_TOKEN": secret}
+    elif mode == "iam":
+        sim = iam_sim(start_sim, secret, *faults)
+        env = iam_env(sim, secret)
+    else:
+        sim = start_sim("--access-key", "AK1", "--secret-key", secret, *faults)
+        env = {"VBS_ACCESS_KEY": "AK1", "VBS_SECRET_KEY": secret}
+    ids = sim.seed(20) + sim.seed(backups=[{"undeletable": True}])
+    worker = start_worker(sim, VBS_LOG_LEVEL="DEBUG", **env)
+    producer.delete_backups(PROJECT, [*ids[:10], str(uuid.uuid4())], request_id="hygiene")
+    worker.wait_for_deletions(11)
+    if mode == "iam":
+        sim.revoke()  # the next requests are refused and refresh the token
+    producer.delete_backups(PROJECT, ids[10:], request_id="hygiene")
+    samples = worker.wait_for_deletions(22)
+    assert by_label(samples, DELETIONS, "outcome") == {"accepted": 20, "already_gone": 1, "failed": 1}
+    with urllib.request.urlopen(worker.child.url + "/metrics", timeout=5) as response:
+        metrics_text = response.read().decode()
+    looked_for = [secret]
+    if mode == "iam":
+        looked_for += [entry["token"] for entry in sim.auth()["tokens"]]
+        assert len(looked_for) == 3 and redis.Redis.from_url(redis_url).exists(keys.iam_token(PROJECT))
+    outputs = {
+        "worker log": worker.log(),
+        "metrics": metrics_text,
+        "redis": redis_dump(redis_url),
+        "simulator log": sim.child.log_text(),
+        "help": cli_output(env, "--help")
+        + cli_output(env, "worker", "--help")
+        + cli_output(env, "simulate", "--help"),
+        "bad setting": cli_output({**env, "VBS_REDIS_URL": redis_url, "VBS_CONCURRENCY": secret}, "worker"),
+    }
+    assert "VBS_CONCURRENCY" in outputs["bad setting"]
+    for value in looked_for:
+        prefix = value[:12] if value.startswith(mode) else value[:16]  # tokens share a 6-character stem
+        leaks = [where for where, text in outputs.items() if prefix in text]
+        assert leaks == [], f"a prefix of a secret appears in {leaks}"
+
+
+def test_conflicting_auth_settings_stop_the_worker_at_start(redis_url: str) -> None:
+    env = {
+        "VBS_REDIS_URL": redis_url,
+        "VBS_AUTH_TOKEN": "tok-5",
+        "VBS_ACCESS_KEY": "AK",
+        "VBS_SECRET_KEY": "sk-5",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "worker"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert result.returncode == 2
+    assert "these settings conflict: VBS_AUTH_TOKEN, VBS_ACCESS_KEY, VBS_SECRET_KEY" in result.stderr
+    assert "tok-5" not in result.stderr and "sk-5" not in result.stderr
