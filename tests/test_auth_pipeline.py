@@ -138,14 +138,19 @@ def redis_dump(url: str) -> str:
     return "\n".join(part.decode(errors="replace") for part in parts)
 
 
-def cli_output(env: dict[str, str], *args: str) -> str:
-    result = subprocess.run(
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``vbs-deleter *args`` with ``env`` added to this environment."""
+    return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, **env},
     )
+
+
+def cli_output(env: dict[str, str], *args: str) -> str:
+    result = run_cli(env, *args)
     return result.stdout + result.stderr
 
 
@@ -206,13 +211,7 @@ def test_conflicting_auth_settings_stop_the_worker_at_start(redis_url: str) -> N
         "VBS_ACCESS_KEY": "AK",
         "VBS_SECRET_KEY": "sk-5",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "worker"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **env},
-    )
+    result = run_cli(env, "worker")
     assert result.returncode == 2
     assert "these settings conflict: VBS_AUTH_TOKEN, VBS_ACCESS_KEY, VBS_SECRET_KEY" in result.stderr
     assert "tok-5" not in result.stderr and "sk-5" not in result.stderr
