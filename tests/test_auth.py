@@ -82,7 +82,7 @@ async def iam_auths(
         auths = []
         for _ in range(count):
             session = await stack.enter_async_context(new_session(settings))
-            client: aioredis.Redis[bytes] = aioredis.Redis.from_url(settings.redis_url)
+            client: aioredis.Redis = aioredis.Redis.from_url(settings.redis_url)
             stack.push_async_callback(client.aclose)
             auths.append(IamTokenAuth(session, client, settings, clock=clock or Clock()))
         yield auths

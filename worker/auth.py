@@ -206,7 +206,7 @@ class IamTokenAuth:
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        redis: aioredis.Redis[bytes],
+        redis: aioredis.Redis,
         settings: Settings,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
@@ -368,7 +368,7 @@ def _utc(moment: float) -> str:
 def make_auth(
     settings: Settings,
     session: aiohttp.ClientSession,
-    redis: aioredis.Redis[bytes],
+    redis: aioredis.Redis,
     rng: random.Random | None = None,
 ) -> Auth:
     """The auth the settings choose (see :attr:`Settings.auth_mode`); create it inside the engine's loop."""
