@@ -10,9 +10,15 @@ from worker.iam import IamError, read_token_answer, refresh_at, token_request, t
 @pytest.mark.parametrize(
     ("endpoint", "url"),
     [
-        ("https://iam.eu-de.otc.t-systems.com/v3", "https://iam.eu-de.otc.t-systems.com/v3/auth/tokens"),
-        ("https://iam.eu-de.otc.t-systems.com/v3/", "https://iam.eu-de.otc.t-systems.com/v3/auth/tokens"),
-        ("https://iam.example.test", "https://iam.example.test/v3/auth/tokens"),
+        (
+            "https://iam.eu-de.otc.t-systems.com/v3",
+            "https://iam.eu-de.otc.t-systems.com/v3/auth/tokens?nocatalog=true",
+        ),
+        (
+            "https://iam.eu-de.otc.t-systems.com/v3/",
+            "https://iam.eu-de.otc.t-systems.com/v3/auth/tokens?nocatalog=true",
+        ),
+        ("https://iam.example.test", "https://iam.example.test/v3/auth/tokens?nocatalog=true"),
     ],
 )
 def test_token_url(endpoint: str, url: str) -> None:

@@ -325,8 +325,10 @@ class IamTokenAuth:
         while True:
             retry_after: str | None = None
             try:
-                async with self._session.post(self._url, json=body) as response:
-                    issued = iam.read_token_answer(response.status, response.headers, await response.read())
+                # no redirects: the password must never be resent to another host
+                async with self._session.post(self._url, json=body, allow_redirects=False) as response:
+                    answer = await response.content.read(iam.MAX_ANSWER)
+                    issued = iam.read_token_answer(response.status, response.headers, answer)
                 metrics.IAM_TOKEN_REQUESTS.labels("issued").inc()
                 log.info("IAM token issued, expires %s", _utc(issued.expires_at), extra={"ctx": ctx})
                 return issued

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 REFRESH_SHARE = 0.1  # refresh at the latest when 1/10 of a token's lifetime is left
+MAX_ANSWER = 1024 * 1024  # bytes of a token answer read at most (the catalog is not asked for)
 
 
 class IamError(Exception):
@@ -37,9 +38,10 @@ class IssuedToken:
 
 
 def token_url(iam_endpoint: str) -> str:
-    """``POST`` target for tokens: ``{iam_endpoint}/auth/tokens``, adding ``/v3`` when it is missing."""
+    """``POST`` target for tokens: ``{iam_endpoint}/auth/tokens``, adding ``/v3`` when it is missing;
+    ``nocatalog=true`` keeps the service catalog out of the answer."""
     base = iam_endpoint.rstrip("/")
-    return (base if base.endswith("/v3") else base + "/v3") + "/auth/tokens"
+    return (base if base.endswith("/v3") else base + "/v3") + "/auth/tokens?nocatalog=true"
 
 
 def token_request(user: str, password: str, domain: str, project_id: str) -> dict[str, Any]:
