@@ -57,6 +57,15 @@ class Sim:
     def configure(self, **changes: Any) -> dict[str, Any]:
         return dict(processes.http_json(self.url + "/_sim/config", changes))
 
+    def auth(self) -> dict[str, Any]:
+        """IAM and gateway auth counters and the IAM tokens issued (GET /_sim/auth)."""
+        return dict(processes.http_json(self.url + "/_sim/auth"))
+
+    def revoke(self, project: str | None = None) -> int:
+        """Revoke the live IAM tokens (of ``project``); returns how many."""
+        body = {} if project is None else {"project_id": project}
+        return int(processes.http_json(self.url + "/_sim/iam/revoke", body)["revoked"])
+
 
 @pytest.fixture
 def start_sim(tmp_path: Path) -> Iterator[Callable[..., Sim]]:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from worker.outcome import Answer, Verdict, backoff_delay, classify, retry_after_seconds, retry_wait
+from worker.outcome import Answer, Decision, Verdict, backoff_delay, classify, retry_after_seconds, retry_wait
 
 RETRIED = frozenset({408, 503, 504})
 
@@ -71,3 +71,15 @@ def test_retry_wait_caps_retry_after_and_falls_back_to_backoff() -> None:
     assert retry_wait(Answer(503, retry_after="3600"), 1, 0.5, 30, 60, rng) == 60.0
     assert 0.0 <= retry_wait(Answer(429, retry_after="0"), 3, 0.5, 30, 60, rng) <= 2.0  # 0 means: back off
     assert 0.0 <= retry_wait(Answer(503), 2, 0.5, 30, 60, rng) <= 1.0
+
+
+def test_missing_credentials_fail_unless_iam_is_only_unavailable() -> None:
+    retry = frozenset({503})
+    assert classify(Answer(status=0, auth_error="iam_unavailable"), retry) == Decision(
+        Verdict.RETRY, "auth_iam_unavailable"
+    )
+    for reason in ("iam_refused", "credentials_rejected"):
+        assert classify(Answer(status=0, auth_error=reason), retry) == Decision(
+            Verdict.FAILED, f"auth_{reason}"
+        )
+    assert classify(Answer(status=401, auth_retry=True), retry) == Decision(Verdict.FAILED, "status_401")

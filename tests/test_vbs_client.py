@@ -87,7 +87,7 @@ def test_retry_after_header_is_kept() -> None:
 
 
 def test_proxy_from_the_standard_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.vbs import proxy_for
+    from worker.transport import proxy_for
 
     for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)

@@ -27,12 +27,13 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from worker import logs, metrics
-from worker.auth import StaticTokenAuth
+from worker.auth import make_auth
 from worker.producer import Producer, batches
 from worker.ratelimit import RateLimiter
 from worker.retention import Plan, Policy, PolicyError, load_policies, plan, table
 from worker.settings import Settings
-from worker.vbs import ListingError, VbsClient, new_session
+from worker.transport import new_session
+from worker.vbs import ListingError, VbsClient
 
 log = logs.get("retention")
 STATE_KEY = "vbs:retention:{policy}"  # hash: last_attempt, last_success (unix seconds)
@@ -64,7 +65,7 @@ class Lister:
 
 
 def lister(session: aiohttp.ClientSession, redis_client: aioredis.Redis, settings: Settings) -> Lister:
-    client = VbsClient(session, settings, StaticTokenAuth(settings.auth_token))
+    client = VbsClient(session, settings, make_auth(settings, session, redis_client))
     if settings.poll_rate_limit > 0:
         limiter = RateLimiter(redis_client, "poll", settings.poll_rate_limit, settings.rate_burst)
     else:

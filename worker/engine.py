@@ -27,13 +27,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import logs, metrics
-from worker.auth import Auth, StaticTokenAuth
+from worker.auth import Auth, make_auth
 from worker.contract import DeletionRequest, InvalidTask, well_formed_pairs
 from worker.ledger import DeadLetter, Ledger, kwargs_text
 from worker.outcome import Answer, Verdict, classify, retry_wait
 from worker.ratelimit import RateLimiter
 from worker.settings import Settings
-from worker.vbs import VbsClient, new_session
+from worker.transport import new_session
+from worker.vbs import VbsClient
 
 log = logs.get("engine")
 T = TypeVar("T")
@@ -58,7 +59,7 @@ class Engine:
         self, settings: Settings, auth: Auth | None = None, rng: random.Random | None = None
     ) -> None:
         self._settings = settings
-        self._auth = auth or StaticTokenAuth(settings.auth_token)
+        self._auth = auth  # None: chosen from the settings at start (make_auth)
         self._rng = rng or random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -119,9 +120,12 @@ class Engine:
     async def _open(self) -> None:
         settings = self._settings
         self._session = new_session(settings)
+        self._redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        if self._auth is None:
+            self._auth = make_auth(settings, self._session, self._redis, self._rng)
+        log.info("authentication: %s", self._auth.mode)
         self._client = VbsClient(self._session, settings, self._auth)
         self._slots = asyncio.Semaphore(settings.concurrency)
-        self._redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
         self._ledger = Ledger(self._redis, settings.ledger_ttl, self.owner)
         self._limiter = RateLimiter(self._redis, "delete", settings.rate_limit, settings.rate_burst)
         self._poll_limiter = (
@@ -202,7 +206,8 @@ class Engine:
             finally:
                 metrics.IN_FLIGHT.dec()
             metrics.REQUEST_DURATION.labels("delete").observe(time.perf_counter() - started)
-        metrics.HTTP_REQUESTS.labels("delete", metrics.status_label(answer.status)).inc()
+        if answer.auth_error is None:  # else nothing was sent
+            metrics.HTTP_REQUESTS.labels("delete", metrics.status_label(answer.status)).inc()
         return answer
 
     async def _delete_one(self, project_id: str, backup_id: str, request_id: str | None) -> DeletionResult:
@@ -259,9 +264,15 @@ class Engine:
         assert self._limiter is not None
         settings = self._settings
         attempts = transient = throttled = 0
+        refreshed = False  # one more attempt after a 401 with fresh credentials, once per deletion
         while True:
             answer = await self._attempt(project_id, backup_id)
             attempts += 1
+            if answer.auth_retry and not refreshed:
+                refreshed = True
+                metrics.RETRIES.labels("auth_refresh").inc()
+                log.info("401: retrying with fresh credentials", extra={"ctx": ctx})
+                continue
             decision = classify(answer, settings.retry_statuses)
             ctx.update(attempt=attempts, status=answer.status, vbs_request_id=answer.request_id)
             if decision.verdict in (Verdict.ACCEPTED, Verdict.GONE):

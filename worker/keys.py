@@ -25,5 +25,16 @@ def heartbeat(owner: str) -> str:
 
 
 def iam_token(project_id: str) -> str:
-    """Shared IAM token cache for one project."""
+    """JSON ``{"token", "expires_at", "refresh_at"}`` (unix seconds) of the project's IAM token; expires
+    with the token. The only key whose value is a secret."""
     return f"{PREFIX}iam-token:{project_id}"
+
+
+def iam_lock(project_id: str) -> str:
+    """Held (random owner id, with a TTL) by the one worker asking IAM for the project's token."""
+    return f"{PREFIX}iam-lock:{project_id}"
+
+
+def iam_failure(project_id: str) -> str:
+    """Set for a while after IAM refused or failed the project's token: the reason, so no one asks again."""
+    return f"{PREFIX}iam-failure:{project_id}"

@@ -57,6 +57,23 @@ REJECTED_TASKS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+IAM_TOKEN_REQUESTS = Counter(
+    f"{PREFIX}_iam_token_requests",
+    "Token requests to IAM by result: issued, throttled, server_error, transport_error, refused, malformed.",
+    ["result"],
+    registry=REGISTRY,
+)
+AUTH_FAILURES = Counter(
+    f"{PREFIX}_auth_failures",
+    "401 answers from VBS by auth mode (token, iam, aksk, none).",
+    ["mode"],
+    registry=REGISTRY,
+)
+AUTH_BLOCKED = Gauge(
+    f"{PREFIX}_auth_blocked",
+    "1 while sending is stopped because the AK/SK signatures were rejected repeatedly, else 0.",
+    registry=REGISTRY,
+)
 
 RETENTION_CANDIDATES = Counter(
     f"{PREFIX}_retention_candidates",

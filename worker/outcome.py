@@ -33,6 +33,8 @@ class Answer:
     request_id: str | None = None
     retry_after: str | None = None  # raw Retry-After header
     transport_error: str | None = None  # "timeout", "connection" or "disconnect" when status == 0
+    auth_error: str | None = None  # nothing was sent, no credentials (worker.auth.AuthError.reason)
+    auth_retry: bool = False  # a 401 after which the auth has fresh credentials: worth one more attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +46,13 @@ class Decision:
 
 
 def classify(answer: Answer, retry_statuses: frozenset[int]) -> Decision:
-    """Map one attempt to a decision. Transport errors are always retryable: the ledger makes repeats safe."""
+    """Map one attempt to a decision. Transport errors are always retryable: the ledger makes repeats safe.
+
+    Missing credentials fail the deletion, except while IAM is unavailable (retried like a 503).
+    """
+    if answer.auth_error is not None:
+        verdict = Verdict.RETRY if answer.auth_error == "iam_unavailable" else Verdict.FAILED
+        return Decision(verdict, f"auth_{answer.auth_error}")
     if answer.status == 0:
         return Decision(Verdict.RETRY, answer.transport_error or "connection")
     if 200 <= answer.status < 300:

@@ -8,6 +8,8 @@ in its configuration stops at start instead of running with a default the operat
 from __future__ import annotations
 
 import os
+import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +30,25 @@ ENV_PREFIX = "VBS_"
 CONFIG_FILE_VARIABLE = "VBS_CONFIG"
 
 ApiMode = Literal["cloudbackups", "native-v2", "native-v3"]
+AuthMode = Literal["none", "token", "iam", "aksk"]
+
+SIMULATOR_ENDPOINT = "http://127.0.0.1:8780"
+_REGION = re.compile(r"[a-z0-9]+(-[a-z0-9]+)+")
+# secret setting -> the setting naming a file that holds it (a mounted Kubernetes secret, say)
+SECRET_FILES: dict[str, str] = {"iam_password": "iam_password_file", "secret_key": "secret_key_file"}
+_OPTIONAL = (
+    "auth_token",
+    "region",
+    "iam_endpoint",
+    "iam_user",
+    "iam_password",
+    "iam_password_file",
+    "iam_domain",
+    "access_key",
+    "secret_key",
+    "secret_key_file",
+    "ca_bundle",
+)
 
 
 class SettingsError(ValueError):
@@ -41,10 +62,32 @@ class Settings(BaseModel):
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and shared-state store")
     queue: str = Field("vbs.deletions", min_length=1, description="Celery queue the tasks arrive on")
-    endpoint: str = Field("http://127.0.0.1:8780", description="VBS base URL (scheme, host, optional port)")
+    endpoint: str = Field(
+        SIMULATOR_ENDPOINT,
+        description="VBS base URL (scheme, host, optional port); default: from region, else the simulator",
+    )
+    region: str | None = Field(None, description="region filling the endpoint templates, e.g. eu-de")
+    endpoint_template: str = Field(
+        "https://vbs.{region}.otc.t-systems.com", description="VBS base URL for a region ({region})"
+    )
     api: ApiMode = Field("cloudbackups", description="delete call: cloudbackups, native-v2 or native-v3")
     auth_token: SecretStr | None = Field(None, description="static token sent as X-Auth-Token")
+    iam_endpoint: str | None = Field(None, description="IAM identity v3 URL; default: from region")
+    iam_endpoint_template: str = Field(
+        "https://iam.{region}.otc.t-systems.com/v3", description="IAM v3 URL for a region ({region})"
+    )
+    iam_user: str | None = Field(None, description="IAM user name for password tokens")
+    iam_password: SecretStr | None = Field(None, description="IAM password of iam_user")
+    iam_password_file: Path | None = Field(None, description="file holding the IAM password")
+    iam_domain: str | None = Field(None, description="IAM domain (account) name of iam_user")
+    iam_refresh_before: float = Field(
+        3600.0, gt=0, description="refresh a token this long before it expires (at most 1/10 of its life), s"
+    )
+    access_key: str | None = Field(None, description="AK of AK/SK request signing")
+    secret_key: SecretStr | None = Field(None, description="SK of AK/SK request signing")
+    secret_key_file: Path | None = Field(None, description="file holding the SK")
     verify_tls: bool = Field(True, description="verify the endpoint's TLS certificate")
+    ca_bundle: Path | None = Field(None, description="PEM file of CA certificates to trust instead")
 
     concurrency: int = Field(64, ge=1, le=4096, description="HTTP requests in flight per worker process")
     connect_timeout: float = Field(5.0, gt=0, description="TCP/TLS connect timeout, seconds")
@@ -130,9 +173,11 @@ class Settings(BaseModel):
             raise ValueError(f"only 4xx/5xx other than 404 and 429 can be retried, got {bad}")
         return value
 
-    @field_validator("endpoint")
+    @field_validator("endpoint", "iam_endpoint")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise ValueError(
@@ -154,11 +199,81 @@ class Settings(BaseModel):
             raise ValueError("contains spaces or control characters (a header value cannot carry them)")
         return value
 
-    @field_validator("auth_token", "retention_file", mode="before")
+    @field_validator(*_OPTIONAL, "retention_file", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         """An empty value means "not set" (a blank token sends no header, a blank file names none)."""
         return None if value == "" else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve(cls, data: Any) -> Any:
+        """Read secrets from their files and fill the endpoints from the region (before field checks)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for secret, file_field in SECRET_FILES.items():
+            if data.get(file_field) in (None, ""):
+                continue
+            if data.get(secret) not in (None, ""):
+                raise ValueError(f"set {env_name(secret)} or {env_name(file_field)}, not both")
+            data[secret] = _read_secret(file_field, Path(str(data[file_field])))
+        region = data.get("region")
+        if region in (None, ""):
+            return data
+        if not (isinstance(region, str) and _REGION.fullmatch(region)):
+            raise ValueError(f"{env_name('region')} must look like eu-de or ap-southeast-1")
+        for target, template in (
+            ("endpoint", "endpoint_template"),
+            ("iam_endpoint", "iam_endpoint_template"),
+        ):
+            if data.get(target) in (None, ""):
+                pattern = str(data.get(template) or cls.model_fields[template].default)
+                if "{region}" not in pattern:
+                    raise ValueError(f"{env_name(template)} must contain {{region}}")
+                data[target] = pattern.replace("{region}", region)
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        """One auth mode at most, complete; a CA bundle that loads and is used."""
+        self._choose_auth()
+        if self.ca_bundle is not None:
+            if not self.verify_tls:
+                raise ValueError(f"{env_name('ca_bundle')} is set but {env_name('verify_tls')} is false")
+            try:
+                ssl.create_default_context(cafile=str(self.ca_bundle))
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"{env_name('ca_bundle')}: cannot load {self.ca_bundle}: {exc}") from None
+        return self
+
+    @property
+    def auth_mode(self) -> AuthMode:
+        """Which auth the set settings choose: static token, IAM password tokens, AK/SK, or none."""
+        return self._choose_auth()
+
+    def _choose_auth(self) -> AuthMode:
+        """The auth mode; ValueError naming the settings when they conflict or are incomplete."""
+        iam = {"iam_user": self.iam_user, "iam_password": self.iam_password, "iam_domain": self.iam_domain}
+        aksk = {"access_key": self.access_key, "secret_key": self.secret_key}
+        chosen = {
+            mode: [env_name(name) for name, value in fields.items() if value is not None]
+            for mode, fields in (("token", {"auth_token": self.auth_token}), ("iam", iam), ("aksk", aksk))
+        }
+        given = {mode: names for mode, names in chosen.items() if names}
+        if len(given) > 1:
+            clash = ", ".join(name for names in given.values() for name in names)
+            raise ValueError(f"choose one way to authenticate; these settings conflict: {clash}")
+        if not given:
+            return "none"
+        mode, names = next(iter(given.items()))
+        needed = {"token": ["auth_token"], "iam": list(iam), "aksk": list(aksk)}[mode]
+        missing = [env_name(name) for name in needed if env_name(name) not in names]
+        if mode == "iam" and self.iam_endpoint is None:
+            missing.append(f"{env_name('iam_endpoint')} (or {env_name('region')})")
+        if missing:
+            raise ValueError(f"{', '.join(names)} also need{'s' * (len(names) == 1)} {', '.join(missing)}")
+        return mode  # type: ignore[return-value]
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -169,6 +284,19 @@ class Settings(BaseModel):
 def env_name(field: str) -> str:
     """The environment variable that sets ``field``."""
     return ENV_PREFIX + field.upper()
+
+
+def _read_secret(file_field: str, path: Path) -> str:
+    """A secret from a file, without the one trailing newline a mounted secret or an editor adds."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"{env_name(file_field)}: cannot read {path}: {reason}") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise ValueError(f"{env_name(file_field)}: {path} is empty")
+    return text
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -206,7 +334,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         return Settings(**values)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{env_name(str(error['loc'][0])) + ': ' if error['loc'] else ''}{error['msg']}"
+            f"{env_name(str(error['loc'][0]))}: {error['msg']}"
+            if error["loc"]
+            else str(error["msg"]).removeprefix("Value error, ")
             for error in exc.errors()
         )
         raise SettingsError(f"invalid settings: {problems}") from None

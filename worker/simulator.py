@@ -2,7 +2,9 @@
 
 Serves the delete (cloudbackups and native), show, list and job routes described in
 /work/shared/vbs-api.md, with injectable faults, ghost deletions, throttling, token checks and asynchronous
-deletion jobs, plus admin routes under ``/_sim/`` (seed, stats, config, reset). Durations are seconds on
+deletion jobs, an IAM token route (project-scoped tokens with a set lifetime, early revocation), AK/SK
+signature checks with the gateway's key lockout, plus admin routes under ``/_sim/`` (seed, stats, config,
+reset, iam/revoke, auth). Durations are seconds on
 time.monotonic(); timestamps are naive UTC strings. All state lives in one ``_State`` stored in the app;
 due jobs are finalised lazily (``_State.settle``) whenever their project is read or written, so no
 background task runs. Where the vendor documents no error code, the code used is the simulator's choice
@@ -14,18 +16,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import hashlib
 import heapq
 import hmac
 import itertools
 import math
 import random
+import re
+import secrets
 import signal
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -39,6 +44,12 @@ STATUSES: Final = DELETABLE | {"creating", "restoring", "deleting", "error_resto
 JOB_FAIL_CODE: Final = "VolumeBackup.0101"
 JOB_FAIL_REASON: Final = "deleting the backup failed (simulated)"
 KINDS: Final = ("delete", "job", "list", "show")
+SIGNATURE_SKEW: Final = 15 * 60.0  # seconds an X-Sdk-Date may be off
+LOCKOUT_AFTER: Final = 5  # a key is locked after more than this many consecutive signature failures
+LOCKOUT: Final = 300.0  # seconds a locked key stays locked
+_AUTHORIZATION: Final = re.compile(
+    r"SDK-HMAC-SHA256 Access=([^,\s]+), SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})"
+)
 
 
 @dataclass
@@ -54,7 +65,15 @@ class SimConfig:
     retry_after: float | None = None  # Retry-After seconds sent with 429 (rounded up), None = no header
     job_duration: float = 0.0  # INIT until half of it, RUNNING until all of it, then SUCCESS or FAIL
     job_fail_rate: float = 0.0  # share of accepted cloudbackups deletions whose job ends FAIL
-    token: str | None = None  # required X-Auth-Token when set
+    token: str | None = None  # a static X-Auth-Token accepted (and, when set, auth is required)
+    iam_user: str | None = None  # IAM user name the token route expects (None: any)
+    iam_password: str | None = None  # enables the IAM token route; its tokens are then required
+    iam_domain: str | None = None  # IAM domain name the token route expects (None: any)
+    token_lifetime: float = 86400.0  # seconds an issued IAM token is valid
+    iam_fault_rate: float = 0.0  # share of IAM token requests answered with a fault
+    iam_fault_statuses: tuple[int, ...] = (429, 503)  # IAM fault status, chosen uniformly
+    access_key: str | None = None  # AK whose signatures are accepted (with secret_key); auth required
+    secret_key: str | None = None
     auto_create: bool = False  # a never-seeded ID exists (available) on its first delete
     seed: int | None = None  # seed of the one random.Random behind all injected behaviour
     list_fail_after_pages: int | None = None  # list pages with index >= this answer 500
@@ -88,8 +107,19 @@ def _check_config(config: SimConfig) -> None:
         raise ValueError("fault_statuses must be a non-empty list of HTTP error statuses (400..599)")
     if config.retry_after is not None and not (_is_number(config.retry_after) and config.retry_after >= 0):
         raise ValueError("retry_after must be null or a number >= 0")
-    if config.token is not None and not (isinstance(config.token, str) and config.token):
-        raise ValueError("token must be null or a non-empty string")
+    for name in ("token", "iam_user", "iam_password", "iam_domain", "access_key", "secret_key"):
+        value = getattr(config, name)
+        if value is not None and not (isinstance(value, str) and value):
+            raise ValueError(f"{name} must be null or a non-empty string")
+    if (config.access_key is None) != (config.secret_key is None):
+        raise ValueError("access_key and secret_key go together")
+    if not (_is_number(config.token_lifetime) and config.token_lifetime > 0):
+        raise ValueError("token_lifetime must be a number > 0")
+    if not (_is_number(config.iam_fault_rate) and 0 <= config.iam_fault_rate <= 1):
+        raise ValueError("iam_fault_rate must be a number in 0..1")
+    codes = config.iam_fault_statuses
+    if not (isinstance(codes, tuple) and codes and all(_is_int(c) and 400 <= c <= 599 for c in codes)):
+        raise ValueError("iam_fault_statuses must be a non-empty list of HTTP error statuses (400..599)")
     if not isinstance(config.auto_create, bool):
         raise ValueError("auto_create must be a boolean")
     if config.seed is not None and not _is_int(config.seed):
@@ -188,6 +218,12 @@ class _Stats:
     requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     statuses: dict[str, int] = field(default_factory=dict)
     accepted_per_backup: dict[str, int] = field(default_factory=dict)
+    iam_requests: int = 0
+    iam_faults: int = 0
+    iam_issued: dict[str, int] = field(default_factory=dict)  # project id -> tokens issued
+    auth_rejected: dict[str, int] = field(default_factory=dict)  # gateway 401s by error code
+    signature_failures: int = 0
+    key_locks: int = 0  # times the access key was locked
     first: float | None = None  # unix time of the first API request
     last: float | None = None
 
@@ -299,6 +335,34 @@ def _render(project: _Project, backup: _Backup, self_href: str) -> dict[str, Any
     }
 
 
+@dataclass
+class _IssuedToken:
+    """An IAM token the simulator issued. ``expires_at`` is unix time (IAM speaks wall-clock UTC)."""
+
+    project_id: str
+    expires_at: float
+    revoked: bool = False
+
+
+def _canonical_request(
+    method: str, raw_path: str, raw_query: str, headers: dict[str, str], body: bytes
+) -> str:
+    """SDK-HMAC-SHA256 canonical request (vbs-api.md section 8), written apart from the worker's signer."""
+    segments = [quote(unquote(segment), safe="~") for segment in raw_path.split("/")]
+    path = "/".join(segments) + ("" if raw_path.endswith("/") else "/")
+    pairs = sorted(parse_qsl(raw_query, keep_blank_values=True))
+    query = "&".join(f"{quote(k, safe='~')}={quote(v, safe='~')}" for k, v in pairs)
+    names = sorted(headers)
+    lines = "".join(f"{name}:{headers[name].strip()}\n" for name in names)
+    return f"{method}\n{path}\n{query}\n{lines}\n{';'.join(names)}\n{hashlib.sha256(body).hexdigest()}"
+
+
+def _signature(secret_key: str, sdk_date: str, canonical: str) -> str:
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    message = f"SDK-HMAC-SHA256\n{sdk_date}\n{digest}"
+    return hmac.new(secret_key.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
 class _State:
     """Everything the simulator knows, one per app. ``config`` is the caller's object, updated live."""
 
@@ -308,6 +372,9 @@ class _State:
     stats: _Stats
     tokens: float | None  # token bucket level, None = full
     stamp: float  # monotonic time of the last bucket update
+    issued: dict[str, _IssuedToken]  # IAM tokens by token value
+    failures_in_a_row: int  # consecutive signature failures of the access key
+    locked_until: float  # monotonic time the access key is locked until
     _sequence: itertools.count[int]  # tie-breaker for the job heaps
 
     def __init__(self, config: SimConfig) -> None:
@@ -323,7 +390,127 @@ class _State:
         self.stats = _Stats()
         self.tokens = None
         self.stamp = 0.0
+        self.issued = {}
+        self.failures_in_a_row = 0
+        self.locked_until = 0.0
         self._sequence = itertools.count()
+
+    @property
+    def auth_required(self) -> bool:
+        config = self.config
+        return config.token is not None or config.iam_password is not None or config.access_key is not None
+
+    def reject(self, code: str, message: str, request_id: str) -> web.Response:
+        self.stats.auth_rejected[code] = self.stats.auth_rejected.get(code, 0) + 1
+        return _gateway_error(401, code, message, request_id)
+
+    async def authenticate(self, request: web.Request, request_id: str) -> web.Response | None:
+        """None when the request carries a valid static token, IAM token for its project or signature."""
+        project_id = request.match_info.get("project_id")
+        if request.headers.get("Authorization", "").startswith("SDK-HMAC-SHA256"):
+            return await self.check_signature(request, project_id, request_id)
+        given = request.headers.get("X-Auth-Token", "")
+        if self.config.token is not None and hmac.compare_digest(given.encode(), self.config.token.encode()):
+            return None
+        issued = self.issued.get(given)
+        if issued is None:
+            return self.reject("APIG.0301", "Incorrect IAM authentication information", request_id)
+        if issued.revoked or time.time() >= issued.expires_at:
+            return self.reject("APIG.0307", "The token must be updated", request_id)
+        if project_id is not None and issued.project_id != project_id:
+            message = "Incorrect IAM authentication information: the token is scoped to another project"
+            return self.reject("APIG.0301", message, request_id)
+        return None
+
+    async def check_signature(
+        self, request: web.Request, project_id: str | None, request_id: str
+    ) -> web.Response | None:
+        """Verify an SDK-HMAC-SHA256 signature; more than LOCKOUT_AFTER failures in a row lock the key."""
+        now, config = time.monotonic(), self.config
+        match = _AUTHORIZATION.fullmatch(request.headers["Authorization"])
+        if match and match[1] == config.access_key and now < self.locked_until:
+            message = "The access key is locked after repeated signature failures (simulator's code)"
+            return self.reject("APIGW.0305", message, request_id)
+        problem = self.signature_problem(request, match, project_id, await request.read())
+        if problem is None:
+            self.failures_in_a_row = 0
+            return None
+        self.stats.signature_failures += 1
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row > LOCKOUT_AFTER:
+            self.locked_until, self.failures_in_a_row = now + LOCKOUT, 0
+            self.stats.key_locks += 1
+        return self.reject("APIGW.0301", f"Incorrect IAM authentication information: {problem}", request_id)
+
+    def signature_problem(
+        self, request: web.Request, match: re.Match[str] | None, project_id: str | None, body: bytes
+    ) -> str | None:
+        config = self.config
+        if match is None:
+            return "malformed Authorization header"
+        if config.access_key is None or config.secret_key is None or match[1] != config.access_key:
+            return "unknown access key"
+        names = match[2].split(";")
+        if "host" not in names or "x-sdk-date" not in names or any(n not in request.headers for n in names):
+            return "signed headers must include host and x-sdk-date and all be present"
+        try:
+            signed_at = datetime.strptime(request.headers["X-Sdk-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            return "malformed X-Sdk-Date"
+        if abs((datetime.now(UTC) - signed_at).total_seconds()) > SIGNATURE_SKEW:
+            return "X-Sdk-Date is more than 15 minutes off"
+        if project_id is not None and request.headers.get("X-Project-Id", project_id) != project_id:
+            return "X-Project-Id does not match the project in the path"
+        headers = {name: request.headers[name] for name in names}
+        canonical = _canonical_request(
+            request.method, request.url.raw_path, request.url.raw_query_string, headers, body
+        )
+        if not hmac.compare_digest(_signature(config.secret_key, headers["x-sdk-date"], canonical), match[3]):
+            return "verify aksk signature fail"
+        return None
+
+    def issue_token(self, body: object) -> tuple[int, dict[str, Any], str | None]:
+        """The IAM password-token flow: (status, body, token or None). Keystone-shaped errors."""
+        config = self.config
+        try:
+            if not isinstance(body, dict):
+                raise TypeError("not an object")
+            identity, scope = body["auth"]["identity"], body["auth"]["scope"]
+            user = identity["password"]["user"]
+            name, password, domain = user["name"], user["password"], user["domain"]["name"]
+            project_id = scope["project"]["id"]
+            if identity["methods"] != ["password"] or not all(
+                isinstance(v, str) and v for v in (name, password, domain, project_id)
+            ):
+                raise TypeError("not a password request")
+        except (KeyError, TypeError):
+            invalid = {"code": 400, "message": "Invalid request body", "title": "Bad Request"}
+            return 400, {"error": invalid}, None
+        if config.iam_password is None:
+            raise RuntimeError("the IAM route is only served with iam_password set")
+        if (
+            not hmac.compare_digest(password.encode(), config.iam_password.encode())
+            or config.iam_user not in (None, name)
+            or config.iam_domain not in (None, domain)
+        ):
+            wrong = {"code": 401, "message": "The username or password is wrong.", "title": "Unauthorized"}
+            return 401, {"error": wrong}, None
+        token = "MIIsim" + secrets.token_urlsafe(48)
+        issued_at = datetime.now(UTC)
+        expires_at = issued_at + timedelta(seconds=config.token_lifetime)
+        self.issued[token] = _IssuedToken(project_id, expires_at.timestamp())
+        self.stats.iam_issued[project_id] = self.stats.iam_issued.get(project_id, 0) + 1
+        stamp = "%Y-%m-%dT%H:%M:%S.%fZ"
+        answer = {
+            "token": {
+                "methods": ["password"],
+                "issued_at": issued_at.strftime(stamp),
+                "expires_at": expires_at.strftime(stamp),
+                "project": {"id": project_id, "name": f"sim_{project_id[:8]}", "domain": {"name": domain}},
+                "user": {"name": name, "domain": {"name": domain}},
+            }
+        }
+        return 201, answer, token
 
     def admit(self, now: float) -> bool:
         """Take one token from the bucket (refilled at rate_limit per second); False when none is left."""
@@ -457,8 +644,9 @@ class _State:
         unknown = changes.keys() - _FIELDS
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        if isinstance(changes.get("fault_statuses"), list):
-            changes["fault_statuses"] = tuple(changes["fault_statuses"])
+        for name in ("fault_statuses", "iam_fault_statuses"):
+            if isinstance(changes.get(name), list):
+                changes[name] = tuple(changes[name])
         candidate = dataclasses.replace(self.config, **changes)
         _check_config(candidate)
         for name in changes:
@@ -472,8 +660,25 @@ class _State:
         """The live config as JSON, token masked."""
         view = dataclasses.asdict(self.config)
         view["fault_statuses"] = list(self.config.fault_statuses)
-        view["token"] = None if self.config.token is None else "***"
+        for name in ("token", "iam_password", "secret_key"):
+            view[name] = None if view[name] is None else "***"
+        view["iam_fault_statuses"] = list(self.config.iam_fault_statuses)
         return view
+
+    def auth_snapshot(self) -> dict[str, Any]:
+        """The document of GET /_sim/auth: IAM and gateway auth counters, and every IAM token issued."""
+        stats = self.stats
+        return {
+            "iam": {
+                "requests": stats.iam_requests,
+                "faults": stats.iam_faults,
+                "issued": dict(stats.iam_issued),
+            },
+            "rejected": dict(stats.auth_rejected),
+            "signature_failures": stats.signature_failures,
+            "key_locks": stats.key_locks,
+            "tokens": [{"token": t, "project_id": i.project_id} for t, i in self.issued.items()],
+        }
 
     def snapshot(self, detail: bool) -> dict[str, Any]:
         """The stats document of GET /_sim/stats (settles every project first)."""
@@ -528,7 +733,7 @@ def _self_href(request: web.Request, *parts: str) -> str:
 @web.middleware
 async def _gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
     """API gateway behaviour for non-admin routes: throttle, check the token, add latency, tag and count."""
-    if request.path.startswith("/_sim/"):
+    if request.path.startswith("/_sim/") or request.match_info.route.name == "iam":
         return await handler(request)
     state = request.app[_STATE]
     config = state.config
@@ -539,11 +744,8 @@ async def _gateway(request: web.Request, handler: Handler) -> web.StreamResponse
         response = _gateway_error(429, "APIGW.0308", "The throttling threshold has been reached", request_id)
         if config.retry_after is not None:
             response.headers["Retry-After"] = str(math.ceil(config.retry_after))
-    elif config.token is not None:
-        given = request.headers.get("X-Auth-Token", "").encode()
-        if not hmac.compare_digest(given, config.token.encode()):
-            message = "Incorrect IAM authentication information"
-            response = _gateway_error(401, "APIG.0301", message, request_id)
+    elif state.auth_required:
+        response = await state.authenticate(request, request_id)
     if config.latency:
         await asyncio.sleep(config.latency)
     if response is None:
@@ -658,6 +860,53 @@ async def _job(request: web.Request) -> web.Response:
     )
 
 
+async def _iam_tokens(request: web.Request) -> web.Response:
+    """POST /v3/auth/tokens (IAM, not behind the VBS gateway): 201 with X-Subject-Token, or an error.
+
+    404 unless iam_password is set; iam_fault_rate answers 429 (IAM.0012) or 5xx without issuing.
+    """
+    state = request.app[_STATE]
+    config = state.config
+    state.stats.iam_requests += 1
+    if config.iam_password is None:
+        return web.json_response(
+            {"error": {"code": 404, "message": "IAM is not simulated", "title": "Not Found"}}, status=404
+        )
+    if config.iam_fault_rate > 0 and state.rng.random() < config.iam_fault_rate:
+        state.stats.iam_faults += 1
+        status = state.rng.choice(config.iam_fault_statuses)
+        code = "IAM.0012" if status == 429 else "IAM.0001"  # IAM.0001 for 5xx is the simulator's choice
+        return web.json_response(
+            {"error_code": code, "error_msg": f"simulated IAM fault {status}"}, status=status
+        )
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    status, answer, token = state.issue_token(body)
+    response = web.json_response(answer, status=status)
+    if token is not None:
+        response.headers["X-Subject-Token"] = token
+    return response
+
+
+async def _admin_revoke(request: web.Request) -> web.Response:
+    """POST /_sim/iam/revoke {"project_id"?}: revoke the live IAM tokens (of that project): {"revoked": n}."""
+    body = await request.json() if request.can_read_body else {}
+    project_id = body.get("project_id") if isinstance(body, dict) else None
+    revoked = 0
+    for issued in request.app[_STATE].issued.values():
+        if not issued.revoked and project_id in (None, issued.project_id):
+            issued.revoked, revoked = True, revoked + 1
+    return web.json_response({"revoked": revoked})
+
+
+async def _admin_auth(request: web.Request) -> web.Response:
+    """GET /_sim/auth: IAM requests and tokens issued per project, gateway 401s by code, signature failures,
+    key locks, and every IAM token issued with its project (so tests can look for leaks)."""
+    return web.json_response(request.app[_STATE].auth_snapshot())
+
+
 async def _admin_seed(request: web.Request) -> web.Response:
     """POST /_sim/seed {"project_id", "count", "status"?, "name_prefix"?, "volume_id"?, "age_days"?, "size"?}
     or {"project_id", "backups": [{"id"?, "name"?, "status"?, "volume_id"?, "created_at"? | "age_days"?,
@@ -706,6 +955,9 @@ def make_app(config: SimConfig) -> web.Application:
     router.add_get("/_sim/stats", _admin_stats)
     router.add_post("/_sim/config", _admin_config)
     router.add_post("/_sim/reset", _admin_reset)
+    router.add_post("/_sim/iam/revoke", _admin_revoke)
+    router.add_get("/_sim/auth", _admin_auth)
+    router.add_post("/v3/auth/tokens", _iam_tokens, name="iam")
     return app
 
 
@@ -739,6 +991,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--job-duration", type=float, default=d.job_duration, help="seconds a deletion job takes")
     p.add_argument("--job-fail-rate", type=float, default=d.job_fail_rate, help="share of jobs ending FAIL")
     p.add_argument("--token", default=d.token, help="required X-Auth-Token (never printed)")
+    p.add_argument("--iam-user", default=d.iam_user, help="IAM user the token route expects (default: any)")
+    p.add_argument("--iam-password", default=d.iam_password, help="enables IAM tokens (never printed)")
+    p.add_argument("--iam-domain", default=d.iam_domain, help="IAM domain expected (default: any)")
+    p.add_argument("--token-lifetime", type=float, default=d.token_lifetime, help="IAM token life, seconds")
+    p.add_argument("--iam-fault-rate", type=float, default=d.iam_fault_rate, help="share of IAM faults")
+    p.add_argument("--iam-fault-statuses", type=_statuses, default=d.iam_fault_statuses, help="e.g. 429,503")
+    p.add_argument("--access-key", default=d.access_key, help="AK whose signatures are accepted")
+    p.add_argument("--secret-key", default=d.secret_key, help="its SK (never printed)")
     p.add_argument("--auto-create", action="store_true", help="unknown IDs exist on their first delete")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed for injected behaviour")
     p.add_argument("--list-fail-after-pages", type=int, default=d.list_fail_after_pages)

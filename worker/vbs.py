@@ -7,17 +7,19 @@ Knows nothing of retries or Celery: one delete call is one attempt, returned as 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from worker.auth import Auth
+from worker import metrics
+from worker.auth import Auth, AuthError
 from worker.outcome import Answer
 from worker.settings import ApiMode, Settings
+from worker.transport import proxy_for
 
 MAX_BODY = 64 * 1024  # bytes of an answer read at most; longer bodies are cut (and then parse as non-JSON)
 
@@ -113,28 +115,6 @@ def _transport_error(exc: BaseException) -> str:
     return "connection"
 
 
-def proxy_for(url: str) -> str | None:
-    """The proxy the standard variables (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) give for ``url``, or None."""
-    parts = urlsplit(url)
-    if parts.hostname is None or urllib.request.proxy_bypass(parts.hostname):
-        return None
-    return urllib.request.getproxies().get(parts.scheme)
-
-
-def new_session(settings: Settings) -> aiohttp.ClientSession:
-    """The one session of a worker process; create it inside the running loop that will use it."""
-    connector = aiohttp.TCPConnector(limit=settings.concurrency, ssl=settings.verify_tls)
-    timeout = aiohttp.ClientTimeout(
-        total=settings.attempt_timeout, connect=settings.connect_timeout, sock_read=settings.read_timeout
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        trust_env=False,  # proxies come from proxy_for(), resolved once, not on every request
-        headers={"Content-Type": "application/json", "Accept": "application/json"},
-    )
-
-
 class VbsClient:
     """Calls VBS over one shared :class:`aiohttp.ClientSession`."""
 
@@ -145,19 +125,40 @@ class VbsClient:
         self._api = settings.api
         self._auth = auth
 
-    async def delete(self, project_id: str, backup_id: str) -> Answer:
-        """One delete attempt. Never raises for HTTP or transport errors: they come back in the Answer."""
-        method, path = delete_route(self._api, project_id, backup_id)
-        url = self._base + path
+    async def _request(
+        self, method: str, url: str, project_id: str, max_body: int | None
+    ) -> tuple[int, Mapping[str, str], bytes, bool]:
+        """One authenticated request, redirects not followed: status, headers, body (at most ``max_body``
+        bytes) and whether a 401 is worth one more attempt with fresh credentials. The auth hears every
+        status (0: no answer). Raises :class:`AuthError` (nothing sent) and aiohttp's transport errors."""
+        headers = await self._auth.headers(method, url, project_id)
+        status = 0
         try:
-            headers = await self._auth.headers(method, url, project_id)
             async with self._session.request(
                 method, url, headers=headers, allow_redirects=False, proxy=self._proxy
             ) as response:
-                body = await response.content.read(MAX_BODY)
-                return parse_answer(response.status, response.headers, body)
+                body = await (response.read() if max_body is None else response.content.read(max_body))
+                status, answer_headers = response.status, response.headers
+        finally:
+            retry = self._auth.answered(project_id, headers, status)
+        if status == 401:
+            metrics.AUTH_FAILURES.labels(self._auth.mode).inc()
+        return status, answer_headers, body, retry and status == 401
+
+    async def delete(self, project_id: str, backup_id: str) -> Answer:
+        """One delete attempt. Never raises for HTTP, transport or auth errors: they come back in the Answer
+        (``auth_error`` when no credentials could be had, ``auth_retry`` after a 401 worth retrying)."""
+        method, path = delete_route(self._api, project_id, backup_id)
+        try:
+            status, headers, body, retry = await self._request(
+                method, self._base + path, project_id, MAX_BODY
+            )
+        except AuthError as exc:
+            return Answer(status=0, error_code=f"auth.{exc.reason}", message=str(exc), auth_error=exc.reason)
         except (TimeoutError, aiohttp.ClientError) as exc:
             return Answer(status=0, transport_error=_transport_error(exc))
+        answer = parse_answer(status, headers, body)
+        return dataclasses.replace(answer, auth_retry=True) if retry else answer
 
     async def list_backups(
         self,
@@ -184,10 +185,9 @@ class VbsClient:
                 await before_page()
             started = asyncio.get_running_loop().time()
             try:
-                headers = await self._auth.headers("GET", url, project_id)
-                async with self._session.get(url, headers=headers, proxy=self._proxy) as response:
-                    status, body = response.status, await response.read()
-                    answer_headers = response.headers
+                status, answer_headers, body, _ = await self._request("GET", url, project_id, None)
+            except AuthError as exc:
+                raise ListingError(f"page {pages + 1} of {project_id}: {exc}", pages) from None
             except (TimeoutError, aiohttp.ClientError) as exc:
                 if on_page is not None:
                     on_page(0, asyncio.get_running_loop().time() - started)
