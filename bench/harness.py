@@ -57,16 +57,26 @@ class Stack:
         ids: list[str] = []
         while len(ids) < count:  # seed in chunks: one request body stays small
             chunk = min(20_000, count - len(ids))
-            ids += processes.http_json(self.sim_url + "/_sim/seed", {"project_id": PROJECT, "count": chunk})["ids"]
+            ids += processes.http_json(self.sim_url + "/_sim/seed", {"project_id": PROJECT, "count": chunk})[
+                "ids"
+            ]
         return ids
 
     def stats(self) -> dict[str, Any]:
         return dict(processes.http_json(self.sim_url + "/_sim/stats"))
 
     def start_worker(self, **env: str) -> processes.Child:
-        base = {"VBS_REDIS_URL": self.redis_url, "VBS_QUEUE": self.queue, "VBS_ENDPOINT": self.sim_url,
-                "VBS_LOG_LEVEL": "WARNING", "VBS_VISIBILITY_TIMEOUT": "1000000", "VBS_RATE_LIMIT": "0"}
-        child = processes.start_worker({**base, **env}, log_path=self.workdir / f"worker{len(self.workers)}.log")
+        base = {
+            "VBS_REDIS_URL": self.redis_url,
+            "VBS_QUEUE": self.queue,
+            "VBS_ENDPOINT": self.sim_url,
+            "VBS_LOG_LEVEL": "WARNING",
+            "VBS_VISIBILITY_TIMEOUT": "1000000",
+            "VBS_RATE_LIMIT": "0",
+        }
+        child = processes.start_worker(
+            {**base, **env}, log_path=self.workdir / f"worker{len(self.workers)}.log"
+        )
         self.stack.enter_context(processes.running(child))
         self.workers.append(child)
         return child
@@ -95,8 +105,9 @@ def stack(sim_options: list[str]) -> Iterator[Stack]:
     workdir = Path(tempfile.mkdtemp(prefix="vbs-bench-"))
     with contextlib.ExitStack() as exits:
         redis_child = exits.enter_context(processes.running(processes.start_redis(data_dir=workdir)))
-        sim = exits.enter_context(processes.running(
-            processes.start_simulator(sim_options, log_path=workdir / "sim.log")))
+        sim = exits.enter_context(
+            processes.running(processes.start_simulator(sim_options, log_path=workdir / "sim.log"))
+        )
         yield Stack(redis_child.url, sim.url, f"bench.{uuid.uuid4().hex[:6]}", workdir, exits)
 
 

@@ -49,15 +49,38 @@ def baseline(deletions: int, latency: float) -> dict[str, float]:
             app = producer._app  # the baseline has its own task name; reuse the producer's connection
             for backup_id in ids:
                 app.send_task("baseline.delete", args=[PROJECT, backup_id], queue=s.queue)
-        env = {**os.environ, "BASELINE_REDIS_URL": s.redis_url, "BASELINE_ENDPOINT": s.sim_url,
-               "BASELINE_QUEUE": s.queue}
+        env = {
+            **os.environ,
+            "BASELINE_REDIS_URL": s.redis_url,
+            "BASELINE_ENDPOINT": s.sim_url,
+            "BASELINE_QUEUE": s.queue,
+        }
         log = (s.workdir / "baseline.log").open("wb")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "bench.baseline", "worker", "-P", "prefork", "--loglevel",
-             "WARNING", "-Q", s.queue], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "bench.baseline",
+                "worker",
+                "-P",
+                "prefork",
+                "--loglevel",
+                "WARNING",
+                "-Q",
+                s.queue,
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             s.wait_removed(deletions, timeout=deletions / 2 + 120)
-            children = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+            children = subprocess.run(
+                ["pgrep", "-P", str(worker.pid)], capture_output=True, text=True
+            ).stdout.split()
             cpu = cpu_seconds(worker.pid) + sum(cpu_seconds(int(pid)) for pid in children)
         finally:
             worker.terminate()
@@ -70,10 +93,13 @@ def latency_hiding(deletions: int, baseline_deletions: int) -> dict[str, float]:
     """200 ms per answer: the worker with 512 requests in flight against the baseline, same machine."""
     ours = throughput(deletions, 1000, 0.2, 512)
     theirs = baseline(baseline_deletions, 0.2)
-    return {"deletions_per_s": ours["deletions_per_s"], "baseline_per_s": theirs["deletions_per_s"],
-            "ratio": ours["deletions_per_s"] / theirs["deletions_per_s"],
-            "cpu_s_per_deletion": ours["cpu_s_per_deletion"],
-            "baseline_cpu_s_per_deletion": theirs["cpu_s_per_deletion"]}
+    return {
+        "deletions_per_s": ours["deletions_per_s"],
+        "baseline_per_s": theirs["deletions_per_s"],
+        "ratio": ours["deletions_per_s"] / theirs["deletions_per_s"],
+        "cpu_s_per_deletion": ours["cpu_s_per_deletion"],
+        "baseline_cpu_s_per_deletion": theirs["cpu_s_per_deletion"],
+    }
 
 
 def rate_fidelity(rate: float, workers: int, deletions: int) -> dict[str, float]:
@@ -87,11 +113,15 @@ def rate_fidelity(rate: float, workers: int, deletions: int) -> dict[str, float]
         s.wait_removed(deletions, timeout=deletions / rate * 3 + 60)
         drain = time.monotonic() - started
         stats = s.stats()
-    span, achieved = span_rate(stats, stats["accepted"])
+    _, achieved = span_rate(stats, stats["accepted"])
     requests_sent = sum(stats["statuses"].values())
-    return {"achieved_per_s": achieved, "of_limit": achieved / rate,
-            "throttled_ratio": stats["statuses"].get("429", 0) / requests_sent,
-            "drain_s": drain, "drain_bound_s": deletions / rate}
+    return {
+        "achieved_per_s": achieved,
+        "of_limit": achieved / rate,
+        "throttled_ratio": stats["statuses"].get("429", 0) / requests_sent,
+        "drain_s": drain,
+        "drain_bound_s": deletions / rate,
+    }
 
 
 def memory(deletions: int) -> dict[str, float]:
@@ -113,17 +143,23 @@ def memory(deletions: int) -> dict[str, float]:
         pid = worker.process.pid
         marks: dict[str, float] = {}
         with Sampler(lambda: rss_bytes(pid), 0.25) as sampler:
-            processes.wait_until(lambda: s.stats()["removed"] >= deletions // 2, deletions / 50 + 60, "half", 0.1)
+            processes.wait_until(
+                lambda: s.stats()["removed"] >= deletions // 2, deletions / 50 + 60, "half", 0.1
+            )
             marks["rss_half_mb"] = rss_bytes(pid) / 2**20
             s.wait_removed(deletions, timeout=deletions / 50 + 60)
             marks["rss_end_mb"] = rss_bytes(pid) / 2**20
         time.sleep(1)
         ledger_keys = sum(1 for _ in client.scan_iter(match="vbs:ledger:*", count=10_000))
         ledger_bytes = s.redis_memory() - base  # the queue is empty again: what stays is the ledger
-    return {**marks, "rss_peak_mb": max(v for _, v in sampler.samples) / 2**20,
-            "growth_half_to_end": marks["rss_end_mb"] / marks["rss_half_mb"] - 1,
-            "redis_bytes_per_queued_single": single, "redis_bytes_per_queued_in_batch": batched,
-            "redis_bytes_per_ledger_record": ledger_bytes / max(1, ledger_keys)}
+    return {
+        **marks,
+        "rss_peak_mb": max(v for _, v in sampler.samples) / 2**20,
+        "growth_half_to_end": marks["rss_end_mb"] / marks["rss_half_mb"] - 1,
+        "redis_bytes_per_queued_single": single,
+        "redis_bytes_per_queued_in_batch": batched,
+        "redis_bytes_per_ledger_record": ledger_bytes / max(1, ledger_keys),
+    }
 
 
 def submit(count: int) -> dict[str, float]:
@@ -132,9 +168,12 @@ def submit(count: int) -> dict[str, float]:
         path = Path(tempfile.mkdtemp()) / "ids.txt"
         path.write_text("".join(f"{uuid.uuid4()}\n" for _ in range(count)))
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "worker.cli", "submit", "--project", PROJECT, "--file", str(path)],
-                       check=True, capture_output=True, env={**os.environ, "VBS_REDIS_URL": s.redis_url,
-                                                            "VBS_QUEUE": s.queue})
+        subprocess.run(
+            [sys.executable, "-m", "worker.cli", "submit", "--project", PROJECT, "--file", str(path)],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "VBS_REDIS_URL": s.redis_url, "VBS_QUEUE": s.queue},
+        )
         seconds = time.perf_counter() - started
         queued = redis.Redis.from_url(s.redis_url).llen(s.queue)
     return {"seconds": seconds, "tasks_queued": queued}
@@ -161,9 +200,13 @@ def main() -> None:
     args = parser.parse_args()
     chosen = {k: v for k, v in scenarios(args.quick).items() if not args.only or k in args.only}
     RESULTS.mkdir(exist_ok=True)
-    report = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
-                         f"Python {platform.python_version()}", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
-              "runs": args.runs, "scenarios": {}}
+    report = {
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "runs": args.runs,
+        "scenarios": {},
+    }
     for name, scenario in chosen.items():
         runs = []
         for _ in range(args.runs):
