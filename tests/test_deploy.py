@@ -287,3 +287,23 @@ def test_systemd_units_fit_the_settings() -> None:
         assert found["LoadCredential"] == ["credentials.toml:/etc/vbs-deleter/credentials.toml"]
         assert "VBS_CONFIG=%d/credentials.toml" in found["Environment"]
     assert seconds(worker["TimeoutStopSec"][0]) > settings.stop_timeout()
+
+
+@pytest.mark.skipif(
+    not (DEPLOY / "prometheus/rules").exists(), reason="deploy/prometheus/rules: observability branch"
+)
+def test_runbook_has_a_section_per_alert() -> None:
+    rules = [yaml.safe_load(path.read_text()) for path in sorted((DEPLOY / "prometheus/rules").glob("*.yml"))]
+    alerts = {
+        rule["alert"]
+        for doc in rules
+        for group in doc["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+    sections = {
+        line[4:].strip()
+        for line in (ROOT / "docs/runbook.md").read_text().splitlines()
+        if line.startswith("### ")
+    }
+    assert alerts and alerts == sections
