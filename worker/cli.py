@@ -1,4 +1,4 @@
-"""``vbs-deleter`` subcommands: worker, simulate, demo, status, dlq, submit, retention, beat (parsing)."""
+"""``vbs-deleter`` subcommands: worker, simulate, demo, status, dlq, submit, retention, beat, check-config."""
 
 from __future__ import annotations
 
@@ -115,6 +115,22 @@ def _replay(
     return 1 if unknown else 0
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    import os
+
+    from worker import checks
+
+    return checks.run(args.project, os.environ)
+
+
+def _project_id(text: str) -> str:
+    from worker.contract import is_project_id
+
+    if not is_project_id(text):
+        raise argparse.ArgumentTypeError("must be 32 hex characters")
+    return text
+
+
 def _simulate(argv: list[str]) -> int:
     from worker import simulator
 
@@ -228,11 +244,20 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--all", action="store_true", help="every dead-lettered deletion")
     replay.add_argument("backup_ids", nargs="*", metavar="BACKUP_ID")
     dlq_commands.add_parser("purge", help="delete every dead letter")
+    check = commands.add_parser(
+        "check-config",
+        help="validate the settings, reach Redis and VBS, print the effective settings (secrets masked)",
+        description="Validate the settings and the retention file, PING Redis, make one harmless call to "
+        "VBS (with --project: list one backup, which checks the credentials) and print the effective "
+        "settings with secrets masked. Exit status 0 ok, 2 invalid settings, 3 Redis does not answer, "
+        "4 the endpoint gives no usable answer, 5 the credentials are refused.",
+    )
+    check.add_argument("--project", type=_project_id, help="project to list one backup of (32 hex)")
     _add_submit(commands)
     _add_retention(commands)
     args = parser.parse_args(argv)
     handlers = {"worker": _worker, "demo": _demo, "status": _status, "dlq": _dlq, "submit": _submit}
-    handlers |= {"retention": _retention, "beat": _retention}
+    handlers |= {"retention": _retention, "beat": _retention, "check-config": _check_config}
     return handlers[args.command](args)
 
 

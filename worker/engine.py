@@ -4,11 +4,16 @@ The loop owns the aiohttp session, the metrics listener and every coroutine. Cel
 it validated requests with :meth:`Engine.run` and block until their deletions are settled. At most
 ``settings.concurrency`` HTTP requests are in flight per process, whatever the number of task threads.
 Create an Engine inside the process that uses it (never before a fork).
+
+Shutdown: :meth:`Engine.begin_shutdown` arms a deadline; past it, every deletion waiting (for the rate
+limiter, a concurrency slot or a backoff) gives its ledger claim back and ends ``interrupted``, and so does
+every later one, so a task's thread returns within one HTTP attempt and the task goes back to the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import socket
@@ -41,12 +46,17 @@ T = TypeVar("T")
 _REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+class Interrupted(Exception):
+    """A wait cut short by the shutdown deadline."""
+
+
 @dataclass(frozen=True, slots=True)
 class DeletionResult:
     """How one backup's deletion ended. ``outcome`` is accepted, already_gone or failed."""
 
     backup_id: str
-    outcome: str  # accepted, already_gone, failed or duplicate (not sent: done or in flight elsewhere)
+    outcome: str  # accepted, already_gone, failed, duplicate (not sent: done or in flight elsewhere) or
+    # interrupted (shutdown deadline; claim released, not counted, the task must go back to the queue)
     reason: str  # bounded label: accepted, already_gone, status_400, exhausted_status_503, duplicate_done...
     attempts: int  # HTTP attempts made
     answer: Answer | None  # the last answer seen (None for a duplicate)
@@ -73,6 +83,8 @@ class Engine:
         self._heartbeat: asyncio.Task[None] | None = None
         self._metrics_runner: web.AppRunner | None = None
         self.metrics_port: int | None = None
+        self._stopping = False  # the shutdown deadline has passed
+        self._waiters: set[asyncio.Task[Any]] = set()  # deletions in an interruptible wait
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def start(self) -> None:
@@ -97,6 +109,34 @@ class Engine:
     def run(self, request: DeletionRequest) -> list[DeletionResult]:
         """Delete every backup of ``request`` (blocking the calling thread); results in request order."""
         return self._submit(self._delete_all(request))
+
+    def begin_shutdown(self, grace: float) -> None:
+        """Thread-safe: interrupt waiting and later deletions ``grace`` seconds from now (see module doc)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.call_later, grace, self._interrupt)
+
+    def _interrupt(self) -> None:
+        self._stopping = True
+        log.warning("shutdown deadline: %d waiting deletion(s) go back to the queue", len(self._waiters))
+        for task in list(self._waiters):
+            task.cancel()
+
+    async def _interruptible(self, wait: Callable[[], Awaitable[T]]) -> T:
+        """Await ``wait()``; raise :class:`Interrupted` once the shutdown deadline has passed."""
+        task = asyncio.current_task()
+        assert task is not None
+        if self._stopping:
+            raise Interrupted
+        self._waiters.add(task)
+        try:
+            return await wait()
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            task.uncancel()
+            raise Interrupted from None
+        finally:
+            self._waiters.discard(task)
 
     def reject(self, task_name: str, task_id: str | None, kwargs: dict[str, Any], error: InvalidTask) -> None:
         """Record a task that broke the contract: a dead letter, and ``rejected`` for its well-formed IDs."""
@@ -197,8 +237,9 @@ class Engine:
 
     async def _attempt(self, project_id: str, backup_id: str) -> Answer:
         assert self._client is not None and self._slots is not None and self._limiter is not None
-        await self._limiter.acquire()
-        async with self._slots:
+        await self._interruptible(self._limiter.acquire)
+        await self._interruptible(self._slots.acquire)
+        try:
             metrics.IN_FLIGHT.inc()
             started = time.perf_counter()
             try:
@@ -206,6 +247,8 @@ class Engine:
             finally:
                 metrics.IN_FLIGHT.dec()
             metrics.REQUEST_DURATION.labels("delete").observe(time.perf_counter() - started)
+        finally:
+            self._slots.release()
         if answer.auth_error is None:  # else nothing was sent
             metrics.HTTP_REQUESTS.labels("delete", metrics.status_label(answer.status)).inc()
         return answer
@@ -222,9 +265,12 @@ class Engine:
             return DeletionResult(backup_id, "duplicate", f"duplicate_{verdict}", 0, None)
         try:
             result = await self._send(project_id, backup_id, ctx)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, Interrupted) as exc:
             await self._until_redis(lambda: ledger.release(project_id, backup_id))
-            raise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.info("deletion interrupted by the shutdown deadline", extra={"ctx": ctx})
+            return DeletionResult(backup_id, "interrupted", "shutdown", int(str(ctx.get("attempt", 0))), None)
         answer = result.answer
         assert answer is not None
         update = {
@@ -308,7 +354,7 @@ class Engine:
             if decision.verdict is Verdict.THROTTLED:
                 await self._limiter.pause(wait)  # every worker waits, not only this deletion
             else:
-                await asyncio.sleep(wait)
+                await self._interruptible(functools.partial(asyncio.sleep, wait))
 
 
 async def _serve_metrics(request: web.Request) -> web.Response:

@@ -114,6 +114,9 @@ class Settings(BaseModel):
     )
     visibility_timeout: int = Field(3600, ge=1, description="seconds before Redis redelivers an unacked task")
     heartbeat_interval: float = Field(10.0, gt=0, description="seconds between worker heartbeats (TTL: 3x)")
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="seconds after SIGTERM before waiting deletions go back to the queue"
+    )
 
     retention_file: str | None = Field(None, description="TOML file of retention policies ([policies.NAME])")
     beat_metrics_port: int = Field(
@@ -144,6 +147,12 @@ class Settings(BaseModel):
         )
         queued = self.concurrency * 1000 / self.rate_limit if self.rate_limit > 0 else 0.0
         return attempts + throttled + queued + 3 * self.heartbeat_interval
+
+    def stop_timeout(self) -> float:
+        """Upper bound, in seconds, from SIGTERM to the worker's exit: the grace, then one HTTP attempt
+        already on the wire, then the shutdown of the engine (a few seconds). Orchestrators must wait longer.
+        """
+        return self.shutdown_grace + self.attempt_timeout + 10
 
     @model_validator(mode="after")
     def _visibility_covers_unacked_time(self) -> Settings:

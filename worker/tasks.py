@@ -10,6 +10,7 @@ import threading
 from typing import Any
 
 from celery import Celery, signals
+from celery.exceptions import Reject
 from celery.worker.consumer import Consumer
 
 from worker import logs, metrics
@@ -133,6 +134,14 @@ def _start_engine(sender: Any = None, **_: Any) -> None:
         ) from None
 
 
+@signals.worker_shutting_down.connect
+def _arm_shutdown_deadline(how: str = "Warm", **_: Any) -> None:
+    """On SIGTERM (warm) give running tasks VBS_SHUTDOWN_GRACE seconds; on a cold shutdown, none.
+    Runs in a signal handler: reads the engine without taking the lock."""
+    if _engine is not None:
+        _engine.begin_shutdown(0.0 if how == "Cold" else settings.shutdown_grace)
+
+
 @signals.worker_shutdown.connect
 def _stop_engine(**_: Any) -> None:
     with _engine_lock:
@@ -143,7 +152,8 @@ def _stop_engine(**_: Any) -> None:
 def handle(
     task_name: str, task_id: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> list[DeletionResult]:
-    """Validate and run one task. A contract violation is logged, counted and dead-lettered, never raised."""
+    """Validate and run one task. A contract violation is logged, counted and dead-lettered, never raised.
+    A task cut short by the shutdown deadline raises Reject(requeue=True): its message goes back whole."""
     try:
         request = validate(task_name, args, kwargs)
     except InvalidTask as exc:
@@ -151,7 +161,17 @@ def handle(
         log.warning("task rejected: %s", exc, extra={"ctx": {"task": task_name, "task_id": task_id}})
         engine().reject(task_name, task_id, kwargs, exc)
         return []
-    return engine().run(request)
+    results = engine().run(request)
+    unfinished = sum(1 for result in results if result.outcome == "interrupted")
+    if unfinished:
+        log.warning(
+            "task returned to the queue at shutdown: %d of %d deletions unfinished",
+            unfinished,
+            len(results),
+            extra={"ctx": {"task": task_name, "task_id": task_id, "request_id": request.request_id}},
+        )
+        raise Reject("shutdown deadline", requeue=True)  # un-acked; the ledger skips what is done
+    return results
 
 
 @app.task(name=DELETE_BACKUP, bind=True)
