@@ -117,14 +117,12 @@ def engine() -> Engine:
 
 
 @signals.worker_init.connect
-def _start_engine(sender: Any = None, **_: Any) -> None:
-    """Refuse the prefork pool, then start the engine before consuming; a failure stops the worker."""
-    pool = getattr(sender, "pool_cls", None)
-    log.debug("worker pool %r", pool)
-    if "prefork" in str(getattr(pool, "__module__", pool)):
-        raise SystemExit(
-            "vbs-deleter runs with the threads or solo pool (-P threads); prefork is not supported"
-        )
+def _start_engine(**_: Any) -> None:
+    """Start the engine before consuming; a failure (metrics port taken) stops the worker.
+
+    The pool is always ``threads``: the app's ``worker_pool`` setting wins over a ``-P`` option, so no
+    loop or session is ever forked.
+    """
     try:
         engine()
     except OSError as exc:
