@@ -143,6 +143,26 @@ def test_a_401_refreshes_once_however_many_requests_saw_it(redis_url: str) -> No
     run(test)
 
 
+def test_an_old_shared_token_revoked_is_refreshed_by_a_worker_that_never_used_it(redis_url: str) -> None:
+    """ "Brand new" means recently issued by IAM, not recently read from the shared cache."""
+
+    async def test() -> None:
+        clock = Clock()
+        async with (
+            simulator(iam_password=PASSWORD) as sim,
+            iam_auths(iam_settings(sim, redis_url), 1, clock=clock) as [first],
+            iam_auths(iam_settings(sim, redis_url), 1, clock=clock) as [late],
+        ):
+            old = await first.token(P)
+            clock.offset = 600  # ten minutes later a new worker reads the same token from Redis
+            assert await late.token(P) == old
+            assert late.answered(P, {"X-Auth-Token": old}, 401) is True  # revoked: refresh and retry
+            assert await late.token(P) != old
+            assert (await auth_stats(sim))["iam"]["issued"] == {P: 2}
+
+    run(test)
+
+
 def test_iam_faults_are_retried_with_backoff_then_remembered(redis_url: str) -> None:
     async def test() -> None:
         async with (
@@ -192,6 +212,7 @@ def test_without_redis_each_worker_asks_iam_itself() -> None:
 
 
 async def delete_many(settings: Settings, sim: str, ids: list[str]) -> list[int]:
+    """One "worker": its own session, Redis client and auth."""
     async with new_session(settings) as session:
         auth = make_auth(settings, session, aioredis.Redis.from_url(settings.redis_url))
         assert isinstance(auth, AkSkAuth)
@@ -200,24 +221,45 @@ async def delete_many(settings: Settings, sim: str, ids: list[str]) -> list[int]
         return [a.status if a.auth_error is None else -1 for a in answers]
 
 
-def test_aksk_right_key_signs_every_request_in_flight() -> None:
+def test_aksk_right_key_signs_every_request_in_flight(redis_url: str) -> None:
     async def test() -> None:
         async with simulator(access_key="AK1", secret_key="sk-Secret-1") as sim:
             ids = (await admin(sim, "/_sim/seed", {"project_id": P, "count": 30}))["ids"]
-            settings = Settings(endpoint=sim, access_key="AK1", secret_key=SecretStr("sk-Secret-1"))
+            settings = Settings(
+                endpoint=sim, redis_url=redis_url, access_key="AK1", secret_key=SecretStr("sk-Secret-1")
+            )
             assert await delete_many(settings, sim, ids) == [200] * 30
 
     run(test)
 
 
-def test_aksk_wrong_key_stops_sending_after_a_few_rejections() -> None:
+def test_aksk_wrong_key_stops_sending_after_a_few_rejections(redis_url: str) -> None:
     async def test() -> None:
         async with simulator(access_key="AK1", secret_key="sk-Secret-1") as sim:
             ids = (await admin(sim, "/_sim/seed", {"project_id": P, "count": 40}))["ids"]
-            settings = Settings(endpoint=sim, access_key="AK1", secret_key=SecretStr("sk-wrong"))
+            settings = Settings(
+                endpoint=sim, redis_url=redis_url, access_key="AK1", secret_key=SecretStr("sk-wrong")
+            )
             statuses = await delete_many(settings, sim, ids)
             assert statuses.count(401) == 3 and statuses.count(-1) == 37
             assert (await auth_stats(sim))["signature_failures"] == 3
             assert (await auth_stats(sim))["key_locks"] == 0
+
+    run(test)
+
+
+def test_aksk_wrong_key_in_three_workers_costs_three_rejections_in_all(redis_url: str) -> None:
+    """The count is the fleet's: the gateway's lockout (more than 5 failures) is never reached."""
+
+    async def test() -> None:
+        async with simulator(access_key="AK2", secret_key="sk-Secret-2") as sim:
+            ids = (await admin(sim, "/_sim/seed", {"project_id": P, "count": 90}))["ids"]
+            settings = Settings(
+                endpoint=sim, redis_url=redis_url, access_key="AK2", secret_key=SecretStr("sk-wrong")
+            )
+            results = await asyncio.gather(*(delete_many(settings, sim, ids[i::3]) for i in range(3)))
+            statuses = [status for worker in results for status in worker]
+            assert statuses.count(401) == 3 and statuses.count(-1) == 87
+            assert (await auth_stats(sim))["signature_failures"] == 3
 
     run(test)

@@ -98,3 +98,23 @@ def test_cli_exit_status_and_bad_project() -> None:
     assert done.returncode == checks.BAD_SETTINGS and "VBS_MAX_ATTEMPTS" in done.stdout
     done = subprocess.run([*command, "--project", "x"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "32 hex" in done.stderr
+
+
+def test_wrong_iam_password_exits_5_and_blocks_nobody(start_sim: Callable[..., Sim], redis_url: str) -> None:
+    import redis
+
+    from worker import keys
+
+    sim = start_sim("--iam-user", "deleter", "--iam-password", "right-Pw-1", "--iam-domain", "dom")
+    environ = {
+        "VBS_REDIS_URL": redis_url,
+        "VBS_ENDPOINT": sim.url,
+        "VBS_IAM_ENDPOINT": sim.url + "/v3",
+        "VBS_IAM_USER": "deleter",
+        "VBS_IAM_DOMAIN": "dom",
+        "VBS_IAM_PASSWORD": "typo-Pw-2",
+    }
+    status, text = run(environ)
+    assert status == checks.BAD_CREDENTIALS, text
+    assert verdicts(text)["credentials"] == "FAIL" and "typo-Pw-2" not in text
+    assert redis.Redis.from_url(redis_url).exists(keys.iam_failure(PROJECT)) == 0  # workers are not held back

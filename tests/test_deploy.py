@@ -217,7 +217,7 @@ def test_secrets_are_files_named_by_vbs_config() -> None:
         (mount,) = [m for m in main["volumeMounts"] if m["name"] == "credentials"]
         assert {
             "name": "credentials",
-            "secret": {"secretName": "vbs-deleter-credentials", "defaultMode": 0o400},
+            "secret": {"secretName": "vbs-deleter-credentials", "defaultMode": 0o440},
         } in volumes
         config = {item["name"]: item["value"] for item in main["env"]}["VBS_CONFIG"]
         assert config == f"{mount['mountPath']}/{file_name}" and mount["readOnly"] is True

@@ -225,3 +225,14 @@ def test_submitted_tasks_are_done_by_the_worker(
     assert result.returncode == 0, result.stderr
     outcomes = by_label(worker.wait_for_deletions(5), "vbs_deleter_deletions_total", "outcome")
     assert outcomes == {"accepted": 4, "already_gone": 1}
+
+
+def test_csv_written_by_excel_with_a_byte_order_mark(tmp_path: Path) -> None:
+    from worker.submit import _open
+
+    backup = str(uuid.uuid4())
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfproject_id,backup_id\r\n" + f"{OTHER},{backup}\r\n".encode())
+    with _open(str(path)) as handle:
+        submission = parse(handle, project_id=PROJECT)
+    assert submission.ids == {OTHER: {backup: None}} and submission.bad == []

@@ -10,11 +10,12 @@ exception or a log line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -33,6 +34,7 @@ from worker.transport import proxy_for
 log = logs.get("auth")
 
 MAX_SIGNATURE_REJECTIONS = 3  # consecutive 401s before AK/SK sending stops (the gateway locks at > 5)
+AKSK_REJECTIONS_TTL = 300  # seconds the fleet remembers rejections of a key (the gateway's lockout)
 IAM_LOCK_TTL = 30.0  # seconds the IAM lock lives without renewal (renewed before every IAM attempt)
 IAM_POLL = 0.05  # seconds between looks at the shared cache while another worker asks IAM
 IAM_REFUSED_HOLD = 300.0  # seconds nobody asks IAM again for a project after IAM refused the credentials
@@ -95,16 +97,23 @@ class AkSkAuth:
     """SDK-HMAC-SHA256 signed requests with ``X-Project-Id``.
 
     Until a signature has been accepted (any answer but 401, 429 or none), requests go one at a time, so
-    a wrong key costs one rejection, not one per request in flight. After
+    a wrong key costs one rejection, not one per request in flight. Rejections are counted per access key
+    in Redis (``keys.aksk_rejections``), so the whole fleet shares the count: after
     :data:`MAX_SIGNATURE_REJECTIONS` 401s in a row, sending stops for good (until restart) with an error
-    naming the access key: the gateway locks a key for 5 minutes after more than 5 failures.
+    naming the access key: the gateway locks a key for 5 minutes after more than 5 failures. Without
+    Redis each process counts its own.
     """
 
     mode = "aksk"
 
     def __init__(
-        self, access_key: str, secret_key: SecretStr, clock: Callable[[], datetime] | None = None
+        self,
+        access_key: str,
+        secret_key: SecretStr,
+        redis: aioredis.Redis | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
+        self._redis = redis
         self._access_key = access_key
         self._secret_key = secret_key
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -130,6 +139,8 @@ class AkSkAuth:
         if self._proven:
             return self._sign(method, url, project_id)
         await self._probe.acquire()
+        if not self._proven and self._stopped is None:
+            await self._read_fleet_count()
         if self._proven or self._stopped is not None:
             self._probe.release()
             self._check()
@@ -140,25 +151,73 @@ class AkSkAuth:
 
     def answered(self, project_id: str, sent: Mapping[str, str], status: int) -> bool:
         retry = False
+        shared: Awaitable[None] | None = None
         if status == 401:
             self._proven = False
             self._rejections += 1
-            if self._rejections >= MAX_SIGNATURE_REJECTIONS and self._stopped is None:
-                self._stopped = (
-                    f"AK/SK signatures of access key {self._access_key} were rejected {self._rejections} "
-                    "times in a row: stopped sending to avoid the gateway's 5-minute key lockout; check "
-                    "VBS_ACCESS_KEY / VBS_SECRET_KEY and the clock (X-Sdk-Date must be within 15 minutes), "
-                    "then restart the worker"
-                )
-                metrics.AUTH_BLOCKED.set(1)
-                log.error("%s", self._stopped)
+            self._stop_if_too_many()
             retry = self._stopped is None
+            shared = self._count_rejection()
         elif status not in (0, 429):
+            if self._rejections:
+                shared = self._forget_rejections()
             self._proven, self._rejections = True, 0
         if sent is self._probe_headers:
             self._probe_headers = None
-            self._probe.release()
+            if shared is None:
+                self._probe.release()
+            else:  # the next probe waits until the fleet's count is updated
+                asyncio.get_running_loop().create_task(self._then_release(shared))
+        elif shared is not None:
+            asyncio.get_running_loop().create_task(self._then_release(shared, release=False))
         return retry
+
+    def _stop_if_too_many(self) -> None:
+        if self._rejections >= MAX_SIGNATURE_REJECTIONS and self._stopped is None:
+            self._stopped = (
+                f"AK/SK signatures of access key {self._access_key} were rejected {self._rejections} "
+                "times in a row (all workers): stopped sending to avoid the gateway's 5-minute key lockout; "
+                "check VBS_ACCESS_KEY / VBS_SECRET_KEY and the clock (X-Sdk-Date must be within 15 minutes), "
+                "then restart the worker"
+            )
+            metrics.AUTH_BLOCKED.set(1)
+            log.error("%s", self._stopped)
+
+    async def _then_release(self, shared: Awaitable[None], release: bool = True) -> None:
+        try:
+            await shared
+        finally:
+            if release:
+                self._probe.release()
+
+    async def _count_rejection(self) -> None:
+        """Add this rejection to the fleet's count; adopt the fleet's count if it is higher."""
+        if self._redis is None:
+            return
+        key = keys.aksk_rejections(self._access_key)
+        try:
+            count = int(await self._redis.incr(key))
+            await self._redis.expire(key, AKSK_REJECTIONS_TTL)
+        except RedisError:
+            return
+        self._rejections = max(self._rejections, count)
+        self._stop_if_too_many()
+
+    async def _forget_rejections(self) -> None:
+        if self._redis is not None:
+            with contextlib.suppress(RedisError):
+                await self._redis.delete(keys.aksk_rejections(self._access_key))
+
+    async def _read_fleet_count(self) -> None:
+        """Before probing, learn the rejections other workers saw (stop without sending if enough)."""
+        if self._redis is None:
+            return
+        try:
+            raw = await self._redis.get(keys.aksk_rejections(self._access_key))
+        except RedisError:
+            return
+        self._rejections = max(self._rejections, int(raw or 0))
+        self._stop_if_too_many()
 
 
 @dataclass(slots=True)
@@ -169,7 +228,7 @@ class _Token:
     raw: str = field(repr=False)
     expires_at: float  # unix seconds
     refresh_at: float  # unix seconds: fetch a new one from here on
-    received_at: float  # unix seconds, when this process got it
+    issued_at: float  # unix seconds, when IAM issued it (to any worker of the fleet)
     proven: bool = False  # VBS accepted it at least once
     rejected: bool = False  # VBS answered 401 to it: fetch a new one
 
@@ -186,7 +245,10 @@ class _Token:
         text = raw.decode() if isinstance(raw, bytes) else raw
         try:
             data = json.loads(text)
-            return cls(str(data["token"]), text, float(data["expires_at"]), float(data["refresh_at"]), now)
+            issued_at = float(data.get("issued_at", now))
+            return cls(
+                str(data["token"]), text, float(data["expires_at"]), float(data["refresh_at"]), issued_at
+            )
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -211,6 +273,7 @@ class IamTokenAuth:
         settings: Settings,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        remember_failures: bool = True,
     ) -> None:
         assert settings.iam_endpoint and settings.iam_user and settings.iam_domain and settings.iam_password
         self._session = session
@@ -219,6 +282,7 @@ class IamTokenAuth:
         self._url = iam.token_url(settings.iam_endpoint)
         self._rng = rng or random.Random()
         self._clock = clock
+        self._remember_failures = remember_failures  # off for probes: a typo must not block the fleet
         self._tokens: dict[str, _Token] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._owner = uuid.uuid4().hex
@@ -236,7 +300,7 @@ class IamTokenAuth:
         if current is None or current.token != sent.get("X-Auth-Token"):
             return status == 401  # an older token failed; the current one is another
         if status == 401:
-            young = self._clock() - current.received_at < UNPROVEN_REFRESH_AFTER
+            young = self._clock() - current.issued_at < UNPROVEN_REFRESH_AFTER
             if not current.proven and young:
                 return False  # a brand-new token rejected: refreshing again would only hammer IAM
             current.rejected = True
@@ -300,8 +364,9 @@ class IamTokenAuth:
         try:
             issued = await self._fetch(project_id, lock_key)
         except AuthError as exc:
-            hold = IAM_REFUSED_HOLD if exc.reason == "iam_refused" else self._settings.backoff_max
-            await self._redis.set(keys.iam_failure(project_id), exc.reason, px=int(hold * 1000))
+            if self._remember_failures:
+                hold = IAM_REFUSED_HOLD if exc.reason == "iam_refused" else self._settings.backoff_max
+                await self._redis.set(keys.iam_failure(project_id), exc.reason, px=int(hold * 1000))
             raise
         token = self._remember(issued)
         if token.expires_at > self._clock():
@@ -311,7 +376,9 @@ class IamTokenAuth:
     def _remember(self, issued: iam.IssuedToken) -> _Token:
         now = self._clock()
         refresh = iam.refresh_at(now, issued.expires_at, self._settings.iam_refresh_before)
-        raw = json.dumps({"token": issued.token, "expires_at": issued.expires_at, "refresh_at": refresh})
+        raw = json.dumps(
+            {"token": issued.token, "expires_at": issued.expires_at, "refresh_at": refresh, "issued_at": now}
+        )
         return _Token(issued.token, raw, issued.expires_at, refresh, now)
 
     async def _fetch(self, project_id: str, lock_key: str | None) -> iam.IssuedToken:
@@ -375,12 +442,16 @@ def make_auth(
     session: aiohttp.ClientSession,
     redis: aioredis.Redis,
     rng: random.Random | None = None,
+    remember_failures: bool = True,
 ) -> Auth:
-    """The auth the settings choose (see :attr:`Settings.auth_mode`); create it inside the engine's loop."""
+    """The auth the settings choose (see :attr:`Settings.auth_mode`); create it inside the engine's loop.
+
+    ``remember_failures=False`` (probes such as check-config) keeps an IAM refusal out of the shared cache.
+    """
     mode = settings.auth_mode
     if mode == "iam":
-        return IamTokenAuth(session, redis, settings, rng)
+        return IamTokenAuth(session, redis, settings, rng, remember_failures=remember_failures)
     if mode == "aksk":
         assert settings.access_key is not None and settings.secret_key is not None
-        return AkSkAuth(settings.access_key, settings.secret_key)
+        return AkSkAuth(settings.access_key, settings.secret_key, redis)
     return StaticTokenAuth(settings.auth_token)

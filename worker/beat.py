@@ -273,6 +273,8 @@ def command(settings: Settings, only: str | None, enqueue: bool, as_json: bool) 
 
 def main(settings: Settings, policies: dict[str, Policy]) -> int:
     """``vbs-deleter beat``: serve until SIGTERM or SIGINT."""
+    logs.configure(settings)
+    log.info("beat started: %d policies, metrics on port %s", len(policies), settings.beat_metrics_port)
 
     async def serve() -> None:
         stop = asyncio.Event()

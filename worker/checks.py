@@ -20,7 +20,7 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
-from worker.auth import make_auth
+from worker.auth import AuthError, make_auth
 from worker.settings import CONFIG_FILE_VARIABLE, Settings, SettingsError, env_name, load_settings
 from worker.transport import new_session, proxy_for
 from worker.vbs import MAX_BODY, parse_answer
@@ -115,12 +115,16 @@ async def _probe(settings: Settings, project_id: str | None, redis_ok: bool) -> 
                         )
                         return [Check("endpoint", NO_ENDPOINT, why)]
                 url = f"{settings.endpoint.rstrip('/')}/v3/{project_id}/backups/detail?limit=1"
-                headers = await make_auth(settings, session, client).headers("GET", url, project_id)
+                auth = make_auth(settings, session, client, remember_failures=False)
+                headers = await auth.headers("GET", url, project_id)
             async with session.get(
                 url, headers=headers, allow_redirects=False, proxy=proxy_for(url)
             ) as response:
                 status, body = response.status, await response.content.read(MAX_BODY)
                 answer = parse_answer(status, response.headers, body)
+        except AuthError as exc:
+            verdict = NO_ENDPOINT if exc.reason == "iam_unavailable" else BAD_CREDENTIALS
+            return [Check("credentials", verdict, f"no credentials for project {project_id}: {exc}")]
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return [Check("endpoint", NO_ENDPOINT, f"{endpoint} gives no answer: {type(exc).__name__} {exc}")]
         finally:
@@ -150,11 +154,16 @@ def run(project_id: str | None, environ: Mapping[str, str], out: TextIO = sys.st
         print(f"settings file: {environ[CONFIG_FILE_VARIABLE]}", file=out)
     print("\n".join(effective(settings, environ)), file=out)
     print(
-        f"\nlongest unacknowledged task {settings.longest_unacked():.0f}s < VBS_VISIBILITY_TIMEOUT "
+        f"\nlongest unacknowledged task {settings.longest_unacked():.0f}s, VBS_VISIBILITY_TIMEOUT "
         f"{settings.visibility_timeout}s; SIGTERM to exit at most {settings.stop_timeout():.0f}s "
         "(give orchestrators a longer stop timeout)\n",
         file=out,
     )
+    try:
+        settings.check_delivery()
+    except SettingsError as exc:
+        print(f"FAIL  settings     {exc}", file=out)
+        return BAD_SETTINGS
     checks = [Check("settings", OK, "valid")]
     if settings.retention_file is not None:
         checks.append(_check_policies(settings))

@@ -17,6 +17,7 @@ from worker.settings import Settings, SettingsError, load_settings
 def _worker(args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
+        settings.check_delivery()
     except SettingsError as exc:
         print(f"vbs-deleter: {exc}", file=sys.stderr)
         return 2

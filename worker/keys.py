@@ -35,6 +35,11 @@ def iam_lock(project_id: str) -> str:
     return f"{PREFIX}iam-lock:{project_id}"
 
 
+def aksk_rejections(access_key: str) -> str:
+    """Counter of consecutive signature rejections of one access key across the fleet (expires)."""
+    return f"{PREFIX}aksk-rejections:{access_key}"
+
+
 def iam_failure(project_id: str) -> str:
     """Set for a while after IAM refused or failed the project's token: the reason, so no one asks again."""
     return f"{PREFIX}iam-failure:{project_id}"

@@ -154,17 +154,19 @@ class Settings(BaseModel):
         """
         return self.shutdown_grace + self.attempt_timeout + 10
 
-    @model_validator(mode="after")
-    def _visibility_covers_unacked_time(self) -> Settings:
+    def check_delivery(self) -> None:
+        """Refuse to consume when Redis could redeliver a task still being worked on (worker start only).
+
+        Raises :class:`SettingsError` naming the settings involved.
+        """
         longest = self.longest_unacked()
         if self.visibility_timeout <= longest:
-            raise ValueError(
+            raise SettingsError(
                 f"VBS_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must exceed the longest time a task "
                 f"can stay unacknowledged ({longest:.0f}s from VBS_MAX_ATTEMPTS, VBS_CONNECT_TIMEOUT, "
                 "VBS_READ_TIMEOUT, VBS_BACKOFF_MAX, VBS_MAX_THROTTLE_WAITS, VBS_RETRY_AFTER_MAX, "
                 "VBS_CONCURRENCY, VBS_RATE_LIMIT, VBS_HEARTBEAT_INTERVAL): raise it or lower those"
             )
-        return self
 
     @field_validator("retry_statuses", mode="before")
     @classmethod

@@ -212,10 +212,11 @@ def enqueue(
 
 
 def _open(source: str) -> TextIO:
-    """The file, or stdin for ``-``, as UTF-8 text; undecodable bytes become U+FFFD (and a bad line)."""
+    """The file, or stdin for ``-``, as UTF-8 text (a leading BOM, as Excel writes, is dropped);
+    undecodable bytes become U+FFFD (and a bad line)."""
     if source == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
-    return open(source, encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="replace")
+    return open(source, encoding="utf-8-sig", errors="replace")
 
 
 def run(

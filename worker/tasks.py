@@ -99,6 +99,7 @@ def _refuse(message: Any, problem: InvalidTask) -> None:
 
 
 settings = load_settings()
+settings.check_delivery()  # also for `celery -A worker worker`
 logs.configure(settings)
 app = make_app(settings)
 
