@@ -43,5 +43,4 @@ clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache tests/node/node_modules
 
 bench: install
-	$(BIN)/python bench/rate_fidelity.py --rate 40 --workers 3 --deletions 1200 --runs 3
-	$(BIN)/python bench/rate_fidelity.py --rate 200 --workers 4 --deletions 4000 --runs 3
+	$(BIN)/python -m bench.run --runs 3
