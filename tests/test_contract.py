@@ -108,6 +108,9 @@ HEADERS = {"task": DELETE_BACKUP, "id": "t1", "lang": "py"}
         (None, [[], {}, EMBED], "malformed_message"),
         ({**HEADERS, "task": "celery.chord_unlock"}, [[], {}, EMBED], "unknown_task"),
         ({**HEADERS, "timelimit": "garbage"}, [[], {}, EMBED], "malformed_message"),
+        ({**HEADERS, "eta": "not-a-date"}, [[], {}, EMBED], "malformed_message"),
+        ({**HEADERS, "expires": 12345}, [[], {}, EMBED], "malformed_message"),
+        ({**HEADERS, "retries": "3"}, [[], {}, EMBED], "malformed_message"),
         (HEADERS, [[], {}], "malformed_message"),
         (HEADERS, [[], {}, EMBED, 4], "malformed_message"),
         (HEADERS, None, "malformed_message"),
@@ -128,3 +131,7 @@ def test_envelope_problems(headers: Any, body: Any, reason: str) -> None:
 def test_good_envelopes() -> None:
     assert envelope_problem(HEADERS, [[], {"project_id": PROJECT}, EMBED]) is None
     assert envelope_problem({**HEADERS, "timelimit": [None, None]}, [[], {}, None]) is None
+    assert (
+        envelope_problem({**HEADERS, "eta": "2026-12-03T12:00:00+00:00", "retries": 0}, [[], {}, None])
+        is None
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import socket
 import subprocess
@@ -430,3 +431,68 @@ def test_metrics_port_taken_stops_the_worker(redis_url: str, queue: str) -> None
         )
     assert result.returncode != 0
     assert f"cannot serve metrics on 127.0.0.1:{port} (VBS_METRICS_HOST, VBS_METRICS_PORT)" in result.stderr
+
+
+def _envelope(queue: str, **changes: object) -> str:
+    """A kombu Redis queue item for a valid vbs.delete_backup message, with ``changes`` applied."""
+    import base64
+    import json
+
+    body = json.dumps([[], {"project_id": PROJECT, "backup_id": str(uuid.uuid4())}, {}]).encode()
+    item: dict[str, object] = {
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"task": "vbs.delete_backup", "id": str(uuid.uuid4()), "lang": "py"},
+        "properties": {
+            "delivery_tag": str(uuid.uuid4()),
+            "body_encoding": "base64",
+            "priority": 0,
+            "delivery_info": {"exchange": queue, "routing_key": queue},
+        },
+    }
+    item.update(changes)
+    return json.dumps(item)
+
+
+def test_unreadable_queue_items_never_stop_the_worker(
+    sim: Sim, start_worker: Callable[..., Worker], producer: Producer, redis_url: str, queue: str
+) -> None:
+    """Items kombu itself cannot read (pushed straight into the list) are counted and dead-lettered."""
+    worker = start_worker(sim)
+
+    def headers(**extra: object) -> dict[str, object]:
+        return {"task": "vbs.delete_backup", "id": str(uuid.uuid4()), "lang": "py", **extra}
+
+    items = [
+        "this is not json at all",
+        "42",
+        "[1, 2, 3]",
+        "null",
+        _envelope(queue, properties=[1, 2]),
+        _envelope(queue, headers=[1, 2]),
+        _envelope(queue, properties={"body_encoding": "base64"}),
+        _envelope(queue, body="%%% not base64 %%%"),
+        _envelope(queue, headers=headers(eta="not-a-date")),
+        _envelope(queue, headers=headers(expires=12345)),
+        _envelope(queue, headers=headers(compression="application/x-gzip")),
+    ]
+    client = redis.Redis.from_url(redis_url)
+    for item in items:
+        client.lpush(queue, item)
+    wait_until(
+        lambda: worker.count("vbs_deleter_rejected_tasks_total") == len(items), 30, "every item refused"
+    )
+    ids = sim.seed(2)
+    producer.delete_backups(PROJECT, ids)
+    assert by_label(worker.wait_for_deletions(2), DELETIONS, "outcome") == {"accepted": 2}
+    assert worker.child.process.poll() is None
+    letters = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "dlq", "list", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "VBS_REDIS_URL": redis_url},
+    )
+    assert len(json.loads(letters.stdout)) == len(items)
+    assert sim.stats()["requests"]["delete"] == 2

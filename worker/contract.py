@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 DELETE_BACKUP = "vbs.delete_backup"
@@ -88,6 +89,12 @@ def envelope_problem(headers: object, body: object) -> InvalidTask | None:
         and all(isinstance(v, _LIMIT_TYPES) for v in limits)
     ):
         return InvalidTask("malformed_message", "header 'timelimit' must be [soft, hard] seconds or null")
+    for name in ("eta", "expires"):
+        when = headers.get(name)
+        if when is not None and not _is_iso_time(when):
+            return InvalidTask("malformed_message", f"header {name!r} must be an ISO 8601 time or null")
+    if headers.get("retries") is not None and type(headers["retries"]) is not int:
+        return InvalidTask("malformed_message", "header 'retries' must be an integer")
     if not (isinstance(body, list) and len(body) == 3):
         return InvalidTask("malformed_message", "body must be [args, kwargs, embed]")
     args, kwargs, embed = body
@@ -96,6 +103,16 @@ def envelope_problem(headers: object, body: object) -> InvalidTask | None:
     if embed and any(embed.get(key) for key in _EMBED_KEYS):
         return InvalidTask("malformed_message", "callbacks, errbacks, chains and chords are not supported")
     return None
+
+
+def _is_iso_time(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 def validate(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DeletionRequest:

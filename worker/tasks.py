@@ -13,7 +13,7 @@ from celery import Celery, signals
 from celery.exceptions import Reject
 from celery.worker.consumer import Consumer
 
-from worker import logs, metrics
+from worker import broker, logs, metrics
 from worker.contract import DELETE_BACKUP, DELETE_BACKUPS, InvalidTask, envelope_problem, validate
 from worker.engine import DeletionResult, Engine
 from worker.settings import Settings, load_settings
@@ -46,6 +46,7 @@ def make_app(settings: Settings) -> Celery:
         broker_connection_max_retries=None,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_consumer="worker.tasks:GuardedConsumer",
+        broker_transport="worker.broker:GuardedTransport",
         enable_utc=True,
     )
     return app
@@ -73,6 +74,23 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
             return None
 
         return guarded
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        """kombu could not decode the body it was given (e.g. a bogus compression header)."""
+        _refuse(message, InvalidTask("undecodable", f"{type(exc).__name__}: {str(exc)[:200]}"))
+
+
+def _refuse_unreadable(exc: Exception) -> None:
+    """A queue item kombu could not turn into a message at all (see worker.broker): count and record it."""
+    problem = InvalidTask(
+        "malformed_message", f"unreadable queue item: {type(exc).__name__}: {str(exc)[:200]}"
+    )
+    metrics.REJECTED_TASKS.labels(problem.reason).inc()
+    log.warning("queue item refused: %s", problem)
+    engine().reject("", None, {}, problem)
+
+
+broker.on_unreadable = _refuse_unreadable
 
 
 def _message_problem(message: Any) -> InvalidTask | None:
