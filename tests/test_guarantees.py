@@ -296,3 +296,40 @@ def test_start_refuses_a_visibility_timeout_shorter_than_the_longest_unacked_tim
     assert (
         "VBS_VISIBILITY_TIMEOUT (600s) must exceed" in result.stderr and "VBS_MAX_ATTEMPTS" in result.stderr
     )
+
+
+def test_a_redelivered_copy_waits_for_the_first_and_finishes_if_it_dies(
+    start_sim: Callable[..., Sim], start_worker: Callable[..., Worker], producer: Producer
+) -> None:
+    """A task that outlives the visibility timeout is redelivered while its first copy still runs; the copy
+    must not skip the backups held by the first worker, or a SIGKILL of that worker would lose them."""
+    sim = start_sim("--latency", "0.25")
+    ids = sim.seed(120)
+    quick = {
+        **QUICK_REDELIVERY,
+        "VBS_CONCURRENCY": "2",
+        "VBS_VISIBILITY_TIMEOUT": "9",
+        "VBS_MAX_ATTEMPTS": "1",
+        "VBS_READ_TIMEOUT": "1",
+    }
+    first = start_worker(sim, **quick)
+    second = start_worker(sim, **quick)
+    producer.delete_backups(PROJECT, ids)  # one task: 120 x 0.25 s / 2 in flight = 15 s > 9 s
+    processes.wait_until(
+        lambda: (
+            first.count("vbs_deleter_http_requests_total") + second.count("vbs_deleter_http_requests_total")
+            >= 20
+        ),
+        30,
+        "the run to start",
+    )
+    time.sleep(12)  # the message has been redelivered to the other worker by now
+    busy = (
+        first
+        if first.count("vbs_deleter_http_requests_total") > second.count("vbs_deleter_http_requests_total")
+        else second
+    )
+    busy.child.stop(signal.SIGKILL)
+    processes.wait_until(all_removed(sim), 120, "every backup deleted by the waiting copy")
+    stats = sim.stats()
+    assert (stats["accepted"], stats["deleted_more_than_once"]) == (120, 0)

@@ -7,7 +7,7 @@
 -- ARGV[5]  project_id, ARGV[6] backup_id
 -- Returns {verdict, detail}:
 --   {'done', state}       already accepted or gone: do not send again
---   {'busy', owner}       in flight in a live worker (this one included): leave it to that deletion
+--   {'busy', owner}       in flight in a live worker (this one included): wait, then ask again
 --   {'claimed', previous} now in flight here; previous state ('' for a new record)
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'accepted' or state == 'already_gone' then
