@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install node lint format test demo bench all clean
+.PHONY: install node lint format test demo bench dashboard all clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required" if sys.version_info < (3, 11) else 0)'
@@ -36,6 +36,9 @@ test: install node
 
 demo: install
 	$(BIN)/vbs-deleter demo
+
+dashboard: install
+	$(BIN)/python -m worker.dashboard
 
 all: lint test
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +17,18 @@ from worker.producer import Producer
 from worker.scrape import Samples, scrape, total
 
 PROJECT = "0123456789abcdef0123456789abcdef"
+
+
+def require_tool(name: str) -> str:
+    """Path of an installed program; skips the test when it is missing, except in CI (CI=true) where
+    .ci/run must have installed it, so there it fails."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    message = f"{name} is not installed (Debian: apt-get install prometheus)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message}; .ci/run must install it")
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from kombu import Queue as KombuQueue
 from tests.conftest import PROJECT, Sim, Worker
 from worker.processes import free_port, wait_until
 from worker.producer import Producer
-from worker.scrape import by_label
+from worker.scrape import by_label, total
 
 DELETIONS = "vbs_deleter_deletions_total"
 
@@ -120,7 +120,8 @@ def test_throttled_requests_wait_and_succeed(
     samples = worker.wait_for_deletions(20)
     assert by_label(samples, DELETIONS, "outcome") == {"accepted": 20}
     throttled = by_label(samples, "vbs_deleter_retries_total", "reason")["throttled"]
-    assert throttled == sim.stats()["statuses"]["429"]
+    assert throttled == total(samples, "vbs_deleter_http_requests_total", operation="delete", status="429")
+    assert total(samples, "vbs_deleter_http_requests_total", status="429") == sim.stats()["statuses"]["429"]
     assert throttled >= 1 and time.monotonic() - started >= 1.0  # Retry-After: 1 was waited out
 
 
@@ -159,7 +160,12 @@ def test_native_modes(api: str, sim: Sim, start_worker: Callable[..., Worker], p
     producer.delete_backups(PROJECT, [*ids, str(uuid.uuid4())])
     samples = worker.wait_for_deletions(3)
     assert by_label(samples, DELETIONS, "outcome") == {"accepted": 2, "already_gone": 1}
-    assert by_label(samples, "vbs_deleter_http_requests_total", "status") == {"202": 2, "404": 1}
+    deletes = {
+        dict(labels)["status"]: value
+        for (name, labels), value in samples.items()
+        if name == "vbs_deleter_http_requests_total" and ("operation", "delete") in labels
+    }
+    assert deletes == {"202": 2, "404": 1}
 
 
 def test_token_is_sent(

@@ -1,8 +1,9 @@
 """The deletion engine: one long-lived asyncio loop in a thread of the worker process.
 
-The loop owns the aiohttp session, the metrics listener and every coroutine. Celery task threads hand
-it validated requests with :meth:`Engine.run` and block until their deletions are settled. At most
-``settings.concurrency`` HTTP requests are in flight per process, whatever the number of task threads.
+The loop owns the aiohttp session, the status listener (worker/http_server.py) and every coroutine.
+Celery task threads hand it validated requests with :meth:`Engine.run` and block until their deletions
+are settled. At most ``settings.concurrency`` HTTP requests are in flight per process, whatever the
+number of task threads.
 Create an Engine inside the process that uses it (never before a fork).
 
 Shutdown: :meth:`Engine.begin_shutdown` arms a deadline; past it, every deletion waiting (for the rate
@@ -26,14 +27,13 @@ from typing import Any, TypeVar
 
 import aiohttp
 import redis.asyncio as aioredis
-from aiohttp import web
-from prometheus_client import generate_latest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker import logs, metrics
+from worker import jobs, logs, metrics
 from worker.auth import Auth, make_auth
 from worker.contract import DeletionRequest, InvalidTask, well_formed_pairs
+from worker.http_server import StatusServer
 from worker.ledger import DeadLetter, Ledger, kwargs_text
 from worker.outcome import Answer, Verdict, classify, retry_wait
 from worker.ratelimit import RateLimiter
@@ -57,16 +57,21 @@ class DeletionResult:
     backup_id: str
     outcome: str  # accepted, already_gone, failed, duplicate (not sent: done or in flight elsewhere) or
     # interrupted (shutdown deadline; claim released, not counted, the task must go back to the queue)
-    reason: str  # bounded label: accepted, already_gone, status_400, exhausted_status_503, duplicate_done...
-    attempts: int  # HTTP attempts made
-    answer: Answer | None  # the last answer seen (None for a duplicate)
+    reason: str  # bounded label: accepted, already_gone, status_400, exhausted_status_503, job_fail, ...
+    attempts: int  # delete attempts made
+    answer: Answer | None  # the last answer to the delete (None for a duplicate)
+    job: jobs.JobResult | None = None  # how the followed deletion ended (None when not followed)
 
 
 class Engine:
     """Runs deletions concurrently on a private event loop; thread-safe entry point :meth:`run`."""
 
     def __init__(
-        self, settings: Settings, auth: Auth | None = None, rng: random.Random | None = None
+        self,
+        settings: Settings,
+        auth: Auth | None = None,
+        rng: random.Random | None = None,
+        consuming: Callable[[], bool] = lambda: True,
     ) -> None:
         self._settings = settings
         self._auth = auth  # None: chosen from the settings at start (make_auth)
@@ -81,7 +86,8 @@ class Engine:
         self._limiter: RateLimiter | None = None
         self._poll_limiter: RateLimiter | None = None
         self._heartbeat: asyncio.Task[None] | None = None
-        self._metrics_runner: web.AppRunner | None = None
+        self._consuming = consuming
+        self.status_server: StatusServer | None = None
         self.metrics_port: int | None = None
         self._stopping = False  # the shutdown deadline has passed
         self._waiters: set[asyncio.Task[Any]] = set()  # deletions in an interruptible wait
@@ -174,14 +180,12 @@ class Engine:
             else self._limiter
         )
         self._heartbeat = asyncio.create_task(self._beat())
-        app = web.Application()
-        app.router.add_get("/metrics", _serve_metrics)
-        self._metrics_runner = web.AppRunner(app, access_log=None)
-        await self._metrics_runner.setup()
-        site = web.TCPSite(self._metrics_runner, self._settings.metrics_host, self._settings.metrics_port)
-        await site.start()
-        self.metrics_port = int(self._metrics_runner.addresses[0][1])
-        log.info("metrics on http://%s:%s/metrics", self._settings.metrics_host, self.metrics_port)
+        metrics.RECENT_JOBS.resize(settings.recent_jobs)
+        metrics.set_rate_limits(settings.rate_limit, settings.poll_rate_limit)
+        self.status_server = StatusServer(settings, self._redis, self._consuming)
+        ledger = self._ledger
+        self.status_server.add_scrape_source(metrics.DEAD_LETTERS, lambda: ledger.dead_letter_count())
+        self.metrics_port = await self.status_server.start()
 
     async def _close(self) -> None:
         if self._heartbeat is not None:
@@ -191,8 +195,8 @@ class Engine:
                 await self._ledger.retire()
             except _REDIS_ERRORS:
                 log.warning("could not remove the heartbeat at shutdown; it expires by itself")
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
+        if self.status_server is not None:
+            await self.status_server.stop()
         if self._session is not None:
             await self._session.close()
         if self._redis is not None:
@@ -235,29 +239,71 @@ class Engine:
             )
         )
 
-    async def _attempt(self, project_id: str, backup_id: str) -> Answer:
-        assert self._client is not None and self._slots is not None and self._limiter is not None
-        await self._interruptible(self._limiter.acquire)
+    async def _attempt(
+        self, operation: str, call: Callable[[], Awaitable[Answer]], backup_id: str, job_id: str | None = None
+    ) -> Answer:
+        """Every HTTP call to VBS goes through here: a token of the shared rate limit (polls use the poll
+        budget), a concurrency slot, and the request metrics with a ``backup_id`` / ``job_id`` exemplar.
+        ``operation`` is delete, job or show."""
+        assert self._slots is not None and self._limiter is not None and self._poll_limiter is not None
+        await self._interruptible((self._limiter if operation == "delete" else self._poll_limiter).acquire)
         await self._interruptible(self._slots.acquire)
         try:
             metrics.IN_FLIGHT.inc()
             started = time.perf_counter()
             try:
-                answer = await self._client.delete(project_id, backup_id)
+                answer = await call()
             finally:
                 metrics.IN_FLIGHT.dec()
-            metrics.REQUEST_DURATION.labels("delete").observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
         finally:
             self._slots.release()
+        job_id = job_id or answer.job_id
+        exemplar = {"backup_id": backup_id}
+        if jobs.usable_job_id(job_id):
+            exemplar["job_id"] = str(job_id)
+        metrics.REQUEST_DURATION.labels(operation).observe(elapsed, exemplar)
         if answer.auth_error is None:  # else nothing was sent
-            metrics.HTTP_REQUESTS.labels("delete", metrics.status_label(answer.status)).inc()
+            metrics.HTTP_REQUESTS.labels(operation, metrics.status_label(answer.status)).inc(1, exemplar)
         return answer
+
+    async def _follow(
+        self, project_id: str, backup_id: str, answer: Answer, ctx: dict[str, object]
+    ) -> jobs.JobResult | None:
+        """Follow an accepted deletion (worker/jobs.py) unless ``VBS_FOLLOW_JOBS`` is off."""
+        client = self._client
+        assert client is not None
+        job_id = answer.job_id if self._settings.api == "cloudbackups" else None
+        if self._settings.api == "cloudbackups" and not jobs.usable_job_id(job_id):
+            log.warning("accepted without a usable job_id: not followed", extra={"ctx": ctx})
+            return None
+        if not self._settings.follow_jobs:
+            if job_id is not None:
+                metrics.RECENT_JOBS.record(job_id, backup_id, "accepted")
+            return None
+        if job_id is not None:
+            operation, read = "job", functools.partial(client.get_job, project_id, job_id)
+        else:
+            operation, read = "show", functools.partial(client.get_backup, project_id, backup_id)
+        return await jobs.follow(
+            lambda: self._attempt(operation, read, backup_id, job_id),
+            job_id,
+            backup_id,
+            self._settings,
+            ctx,
+            sleep=lambda seconds: self._interruptible(functools.partial(asyncio.sleep, seconds)),
+        )
 
     async def _delete_one(self, project_id: str, backup_id: str, request_id: str | None) -> DeletionResult:
         """Claim the backup in the ledger, delete it, record the result (and a dead letter if it failed)."""
         assert self._ledger is not None
         ledger = self._ledger
-        ctx: dict[str, object] = {"project_id": project_id, "backup_id": backup_id, "request_id": request_id}
+        ctx: dict[str, object] = {
+            "project_id": project_id,
+            "backup_id": backup_id,
+            "request_id": request_id,
+            "job_id": None,
+        }
         verdict, detail = await self._until_redis(lambda: ledger.claim(project_id, backup_id, request_id))
         while verdict == "busy":
             # In flight in a live worker (a redelivered or duplicate task): wait for its outcome, or for its
@@ -280,15 +326,19 @@ class Engine:
                 raise
             log.info("deletion interrupted by the shutdown deadline", extra={"ctx": ctx})
             return DeletionResult(backup_id, "interrupted", "shutdown", int(str(ctx.get("attempt", 0))), None)
-        answer = result.answer
+        answer, job = result.answer, result.job
         assert answer is not None
+        failed_job = job is not None and job.status != "success"
+        error_code = job.error_code if job is not None and failed_job else answer.error_code
+        message = job.fail_reason if job is not None and failed_job else answer.message
         update = {
             "attempts": result.attempts,
             "status": answer.status,
-            "error_code": answer.error_code,
-            "error": answer.message,
+            "error_code": error_code,
+            "error": message,
             "vbs_request_id": answer.request_id,
             "job_id": answer.job_id,
+            "job_status": job.status if job is not None else None,
             "reason": result.reason,
         }
         letter = None
@@ -300,8 +350,8 @@ class Engine:
                 project_id=project_id,
                 backup_id=backup_id,
                 status=answer.status,
-                error_code=answer.error_code,
-                message=answer.message,
+                error_code=error_code,
+                message=message,
                 vbs_request_id=answer.request_id,
                 request_id=request_id,
                 attempts=result.attempts,
@@ -309,19 +359,19 @@ class Engine:
         await self._until_redis(lambda: ledger.finish(project_id, backup_id, result.outcome, update, letter))
         metrics.DELETIONS.labels(result.outcome).inc()
         if result.outcome == "failed":
-            metrics.FAILURES.labels(
-                metrics.status_label(answer.status), metrics.bounded_code(answer.error_code)
-            ).inc()
+            status = "job" if failed_job else metrics.status_label(answer.status)
+            metrics.FAILURES.labels(status, metrics.bounded_code(error_code)).inc()
         return result
 
     async def _send(self, project_id: str, backup_id: str, ctx: dict[str, object]) -> DeletionResult:
         """Attempt until accepted, gone, permanently failed, or out of attempts / throttle waits."""
-        assert self._limiter is not None
+        assert self._limiter is not None and self._client is not None
         settings = self._settings
+        delete = functools.partial(self._client.delete, project_id, backup_id)
         attempts = transient = throttled = 0
         refreshed = False  # one more attempt after a 401 with fresh credentials, once per deletion
         while True:
-            answer = await self._attempt(project_id, backup_id)
+            answer = await self._attempt("delete", delete, backup_id)
             attempts += 1
             if answer.auth_retry and not refreshed:
                 refreshed = True
@@ -333,7 +383,14 @@ class Engine:
             if decision.verdict in (Verdict.ACCEPTED, Verdict.GONE):
                 ctx["job_id"] = answer.job_id
                 log.info("deletion %s", decision.reason, extra={"ctx": ctx})
-                return DeletionResult(backup_id, decision.verdict.value, decision.reason, attempts, answer)
+                job = None
+                if decision.verdict is Verdict.ACCEPTED:
+                    job = await self._follow(project_id, backup_id, answer, ctx)
+                if job is not None and job.status != "success":
+                    return DeletionResult(backup_id, "failed", f"job_{job.status}", attempts, answer, job)
+                return DeletionResult(
+                    backup_id, decision.verdict.value, decision.reason, attempts, answer, job
+                )
             if decision.verdict is Verdict.THROTTLED:
                 throttled += 1
                 exhausted = throttled > settings.max_throttle_waits
@@ -364,7 +421,3 @@ class Engine:
                 await self._limiter.pause(wait)  # every worker waits, not only this deletion
             else:
                 await self._interruptible(functools.partial(asyncio.sleep, wait))
-
-
-async def _serve_metrics(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(metrics.REGISTRY), content_type="text/plain", charset="utf-8")

@@ -35,6 +35,7 @@ class Answer:
     transport_error: str | None = None  # "timeout", "connection" or "disconnect" when status == 0
     auth_error: str | None = None  # nothing was sent, no credentials (worker.auth.AuthError.reason)
     auth_retry: bool = False  # a 401 after which the auth has fresh credentials: worth one more attempt
+    state: str | None = None  # from a 2xx read: the job's status (INIT, RUNNING, ...) or the backup's
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,6 +158,24 @@ def start_worker(env: Mapping[str, str], log_path: Path | None = None, hostname:
     return child
 
 
+def start_prometheus(config: Path, data_dir: Path, log_path: Path | None = None) -> Child:
+    """The Debian ``prometheus`` binary with ``config`` on a free loopback port; returns once it is ready."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("prometheus is not installed (Debian: apt-get install prometheus)")
+    port = free_port()
+    args = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={data_dir}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--enable-feature=exemplar-storage",
+    ]
+    child = Child(_spawn(args, None, log_path), f"http://127.0.0.1:{port}", log_path)
+    wait_until(lambda: _http_ok(child.url + "/-/ready"), 60, "prometheus")
+    return child
+
+
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=2) as response:
         return bool(response.status == 200)

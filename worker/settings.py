@@ -123,7 +123,23 @@ class Settings(BaseModel):
         9809, ge=0, le=65535, description="port of the beat process's /metrics; 0 picks a free one"
     )
 
-    metrics_host: str = Field("0.0.0.0", description="address of the /metrics listener")
+    follow_jobs: bool = Field(
+        True,
+        description="follow accepted deletions to the end: poll the job (cloudbackups) or read the backup "
+        "until 404 (native modes)",
+    )
+    job_poll_interval: float = Field(1.0, gt=0, description="first wait before polling a job, seconds")
+    job_poll_max_interval: float = Field(
+        15.0, gt=0, description="largest wait between polls of one job, seconds (doubles per poll)"
+    )
+    job_deadline: float = Field(
+        900.0, gt=0, description="seconds a deletion job may take before it counts as failed (job_timeout)"
+    )
+    recent_jobs: int = Field(
+        50, ge=0, le=1000, description="job IDs kept as vbs_deleter_recent_job_info series (last N)"
+    )
+
+    metrics_host: str = Field("0.0.0.0", description="address of the /metrics, /healthz and /readyz listener")
     metrics_port: int = Field(9808, ge=0, le=65535, description="port of /metrics; 0 picks a free one")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log threshold")
     log_format: Literal["text", "json"] = Field("text", description="text lines or one JSON object a line")
@@ -136,7 +152,8 @@ class Settings(BaseModel):
     def longest_unacked(self) -> float:
         """Upper bound, in seconds, on how long a task message stays unacknowledged.
 
-        One deletion: its transient attempts with their backoffs, plus its throttle waits. A task may also
+        One deletion: its transient attempts with their backoffs, its throttle waits, and following its
+        job up to ``job_deadline`` (plus the poll under way then). A task may also
         queue behind the others this process has reserved (one per thread, up to 1000 IDs each) drawing
         from the shared rate; the bound assumes this process gets the whole rate limit. A redelivered claim
         is only taken over once its dead owner's heartbeat (3 intervals) has expired.
@@ -146,7 +163,8 @@ class Settings(BaseModel):
             self.attempt_timeout + max(self.retry_after_max, self.backoff_max)
         )
         queued = self.concurrency * 1000 / self.rate_limit if self.rate_limit > 0 else 0.0
-        return attempts + throttled + queued + 3 * self.heartbeat_interval
+        following = self.job_deadline + self.attempt_timeout if self.follow_jobs else 0.0
+        return attempts + throttled + queued + following + 3 * self.heartbeat_interval
 
     def stop_timeout(self) -> float:
         """Upper bound, in seconds, from SIGTERM to the worker's exit: the grace, then one HTTP attempt
@@ -165,7 +183,8 @@ class Settings(BaseModel):
                 f"VBS_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must exceed the longest time a task "
                 f"can stay unacknowledged ({longest:.0f}s from VBS_MAX_ATTEMPTS, VBS_CONNECT_TIMEOUT, "
                 "VBS_READ_TIMEOUT, VBS_BACKOFF_MAX, VBS_MAX_THROTTLE_WAITS, VBS_RETRY_AFTER_MAX, "
-                "VBS_CONCURRENCY, VBS_RATE_LIMIT, VBS_HEARTBEAT_INTERVAL): raise it or lower those"
+                "VBS_CONCURRENCY, VBS_RATE_LIMIT, VBS_JOB_DEADLINE, VBS_HEARTBEAT_INTERVAL): "
+                "raise it or lower those"
             )
 
     @field_validator("retry_statuses", mode="before")

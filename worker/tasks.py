@@ -52,6 +52,9 @@ def make_app(settings: Settings) -> Celery:
     return app
 
 
+_consuming = threading.Event()  # set while the consumer's event loop runs on a live broker connection
+
+
 class GuardedConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer behind a gate: only well-formed JSON messages for our two tasks reach Celery.
 
@@ -78,6 +81,15 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         """kombu could not decode the body it was given (e.g. a bogus compression header)."""
         _refuse(message, InvalidTask("undecodable", f"{type(exc).__name__}: {str(exc)[:200]}"))
+
+    def on_ready(self) -> None:
+        """The event loop consumes on a live connection (called on every (re)connection): /healthz."""
+        _consuming.set()
+        super().on_ready()
+
+    def on_close(self) -> None:
+        _consuming.clear()
+        super().on_close()
 
 
 def _refuse_unreadable(exc: Exception) -> None:
@@ -130,7 +142,7 @@ def engine() -> Engine:
     global _engine
     with _engine_lock:
         if _engine is None:
-            _engine = Engine(settings)
+            _engine = Engine(settings, consuming=_consuming.is_set)
             _engine.start()
         return _engine
 
@@ -188,6 +200,7 @@ def handle(
             extra={"ctx": {"task": task_name, "task_id": task_id, "request_id": request.request_id}},
         )
         raise Reject("shutdown deadline", requeue=True)  # un-acked; the ledger skips what is done
+    metrics.TASKS.labels(task_name).inc()
     return results
 
 

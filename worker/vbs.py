@@ -1,4 +1,5 @@
-"""VBS HTTP client: the delete call per API mode, the backup listing, and parsing of the error body shapes.
+"""VBS HTTP client: the delete call per API mode, the job and backup reads that follow it, the backup
+listing, and parsing of the error body shapes.
 
 Knows nothing of retries or Celery: one delete call is one attempt, returned as an
 :class:`~worker.outcome.Answer`; a listing either returns every page or raises :class:`ListingError`.
@@ -28,6 +29,15 @@ _DELETE_ROUTES: dict[ApiMode, tuple[str, str]] = {
     "native-v2": ("DELETE", "/v2/{project_id}/backups/{backup_id}"),
     "native-v3": ("DELETE", "/v3/{project_id}/backups/{backup_id}"),
 }
+
+
+_SHOW_ROUTES: dict[ApiMode, str] = {
+    "cloudbackups": "/v3/{project_id}/backups/{backup_id}",
+    "native-v2": "/v2/{project_id}/backups/{backup_id}",
+    "native-v3": "/v3/{project_id}/backups/{backup_id}",
+}
+JOB_ROUTE = "/v1/{project_id}/jobs/{job_id}"
+Parser = Callable[[int, Mapping[str, str], bytes], Answer]
 
 
 def delete_route(api: ApiMode, project_id: str, backup_id: str) -> tuple[str, str]:
@@ -60,6 +70,49 @@ def next_query(body: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    if not body:
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _text(value: object) -> str | None:
+    return str(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+
+
+def parse_job_answer(status: int, headers: Mapping[str, str], body: bytes) -> Answer:
+    """An answer to ``GET /v1/{p}/jobs/{id}``: a 2xx carries ``state`` = the job's ``status`` and, on FAIL,
+    ``error_code`` and ``message`` = the job's ``error_code`` and ``fail_reason``; errors as in
+    :func:`parse_answer`."""
+    answer = parse_answer(status, headers, body)
+    data = _json_object(body) if 200 <= status < 300 else None
+    if data is None:
+        return answer
+    return dataclasses.replace(
+        answer,
+        state=_text(data.get("status")),
+        error_code=_text(data.get("error_code")),
+        message=_text(data.get("fail_reason")),
+    )
+
+
+def parse_backup_answer(status: int, headers: Mapping[str, str], body: bytes) -> Answer:
+    """An answer to ``GET /v2|v3/{p}/backups/{id}``: a 2xx carries ``state`` = the backup's ``status`` and
+    ``message`` = its ``fail_reason``; errors (404 when it is gone) as in :func:`parse_answer`."""
+    answer = parse_answer(status, headers, body)
+    data = _json_object(body) if 200 <= status < 300 else None
+    backup = data.get("backup") if data is not None else None
+    if not isinstance(backup, dict):
+        return answer
+    return dataclasses.replace(
+        answer, state=_text(backup.get("status")), message=_text(backup.get("fail_reason"))
+    )
+
+
 def parse_answer(status: int, headers: Mapping[str, str], body: bytes) -> Answer:
     """Turn a status, headers and raw body into an :class:`Answer` (pure).
 
@@ -70,13 +123,8 @@ def parse_answer(status: int, headers: Mapping[str, str], body: bytes) -> Answer
     """
     request_id = headers.get("X-Request-Id")
     retry_after = headers.get("Retry-After")
-    data: Any = None
-    if body:
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            data = None
-    if not isinstance(data, dict):
+    data = _json_object(body)
+    if data is None:
         return Answer(status=status, request_id=request_id, retry_after=retry_after)
     if 200 <= status < 300:
         job_id = data.get("job_id")
@@ -149,6 +197,20 @@ class VbsClient:
         """One delete attempt. Never raises for HTTP, transport or auth errors: they come back in the Answer
         (``auth_error`` when no credentials could be had, ``auth_retry`` after a 401 worth retrying)."""
         method, path = delete_route(self._api, project_id, backup_id)
+        return await self._call(method, path, project_id, parse_answer)
+
+    async def get_job(self, project_id: str, job_id: str) -> Answer:
+        """One read of a deletion job (``job_id`` must already be checked: no path characters)."""
+        path = JOB_ROUTE.format(project_id=project_id, job_id=job_id)
+        return await self._call("GET", path, project_id, parse_job_answer)
+
+    async def get_backup(self, project_id: str, backup_id: str) -> Answer:
+        """One read of a backup with the API version of the delete mode; 404 means it is gone."""
+        path = _SHOW_ROUTES[self._api].format(project_id=project_id, backup_id=backup_id)
+        return await self._call("GET", path, project_id, parse_backup_answer)
+
+    async def _call(self, method: str, path: str, project_id: str, parse: Parser) -> Answer:
+        """One attempt of any call as an :class:`Answer`; never raises for HTTP, transport or auth errors."""
         try:
             status, headers, body, retry = await self._request(
                 method, self._base + path, project_id, MAX_BODY
@@ -157,7 +219,7 @@ class VbsClient:
             return Answer(status=0, error_code=f"auth.{exc.reason}", message=str(exc), auth_error=exc.reason)
         except (TimeoutError, aiohttp.ClientError) as exc:
             return Answer(status=0, transport_error=_transport_error(exc))
-        answer = parse_answer(status, headers, body)
+        answer = parse(status, headers, body)
         return dataclasses.replace(answer, auth_retry=True) if retry else answer
 
     async def list_backups(
