@@ -163,7 +163,11 @@ def test_json_logs_carry_the_ids_on_every_deletion_line(
     worker.wait_for_deletions(8)
     lines = [line for line in worker.log().splitlines() if line.startswith('{"ts"')]
     entries = [json.loads(line) for line in lines]
-    about = [e for e in entries if e["logger"] in ("vbs_deleter.engine", "vbs_deleter.jobs")]
+    about = [
+        e
+        for e in entries
+        if e["logger"] in ("vbs_deleter.engine", "vbs_deleter.jobs") and "authentication" not in e["msg"]
+    ]
     assert len(about) >= 8
     for entry in about:
         assert {"backup_id", "job_id", "request_id"} <= set(entry), entry

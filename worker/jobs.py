@@ -112,6 +112,8 @@ async def follow(
         await sleep(min(wait, remaining))
         last = await poll()
         polls += 1
+        if last.auth_retry:  # counted like the delete's own refresh, so every refreshed 401 shows
+            metrics.RETRIES.labels("auth_refresh").inc()
         verdict = judge(last, by_job=job_id is not None)
     status = "timeout" if verdict is Poll.PENDING else verdict.value
     why = last if last is not None and verdict in (Poll.FAILED, Poll.BROKEN) else None
