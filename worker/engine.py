@@ -270,7 +270,8 @@ class Engine:
     async def _follow(
         self, project_id: str, backup_id: str, answer: Answer, ctx: dict[str, object]
     ) -> jobs.JobResult | None:
-        """Follow an accepted deletion (worker/jobs.py) unless ``VBS_FOLLOW_JOBS`` is off."""
+        """Follow an accepted deletion (worker/jobs.py) unless ``VBS_FOLLOW_JOBS`` is off. None when not
+        followed, or when the shutdown deadline cut the follow-up short."""
         client = self._client
         assert client is not None
         job_id = answer.job_id if self._settings.api == "cloudbackups" else None
@@ -285,14 +286,20 @@ class Engine:
             operation, read = "job", functools.partial(client.get_job, project_id, job_id)
         else:
             operation, read = "show", functools.partial(client.get_backup, project_id, backup_id)
-        return await jobs.follow(
-            lambda: self._attempt(operation, read, backup_id, job_id),
-            job_id,
-            backup_id,
-            self._settings,
-            ctx,
-            sleep=lambda seconds: self._interruptible(functools.partial(asyncio.sleep, seconds)),
-        )
+        try:
+            return await jobs.follow(
+                lambda: self._attempt(operation, read, backup_id, job_id),
+                job_id,
+                backup_id,
+                self._settings,
+                ctx,
+                sleep=lambda seconds: self._interruptible(functools.partial(asyncio.sleep, seconds)),
+            )
+        except Interrupted:  # the delete was accepted: record that, unconfirmed, rather than send it again
+            log.info("shutdown deadline: accepted, follow-up cut short", extra={"ctx": ctx})
+            if job_id is not None:
+                metrics.RECENT_JOBS.record(job_id, backup_id, "accepted")
+            return None
 
     async def _delete_one(self, project_id: str, backup_id: str, request_id: str | None) -> DeletionResult:
         """Claim the backup in the ledger, delete it, record the result (and a dead letter if it failed)."""
