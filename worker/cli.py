@@ -99,13 +99,17 @@ def _replay(
     by_project: dict[str, list[str]] = {}
     for letter in chosen:
         by_project.setdefault(str(letter.project_id), []).append(str(letter.backup_id))
+    # Remove first, then enqueue: a replayed deletion that fails again writes a new letter, which must stay.
+    removed = ledger.remove_dead_letters(client, [letter.entry_id for letter in chosen])
     producer = Producer(settings.redis_url, settings.queue)
     try:
         for project_id, ids in by_project.items():
             producer.delete_backups(project_id, ids, request_id="dlq-replay", batch_size=MAX_BATCH)
+    except Exception:
+        ledger.add_dead_letters(client, chosen)  # nothing lost: the letters are back for another try
+        raise
     finally:
         producer.close()
-    removed = ledger.remove_dead_letters(client, [letter.entry_id for letter in chosen])
     skipped = sum(1 for letter in letters if letter.kind != "deletion") if args.all else 0
     print(
         f"replayed {removed} deletion(s)"

@@ -218,6 +218,14 @@ def dead_letters(client: redis.Redis) -> list[DeadLetter]:
     return [DeadLetter(**json.loads(item)) for item in raw if item]
 
 
+def add_dead_letters(client: redis.Redis, letters: Iterable[DeadLetter]) -> None:
+    """Store ``letters`` (again), e.g. after a replay could not be enqueued."""
+    with client.pipeline(transaction=True) as pipe:
+        for letter in letters:
+            _add_dead_letter(pipe, letter)
+        pipe.execute()
+
+
 def remove_dead_letters(client: redis.Redis, entry_ids: Iterable[str]) -> int:
     """Delete the given entries; returns how many existed."""
     ids = list(entry_ids)
