@@ -109,12 +109,13 @@ def test_ghost_504_is_already_gone_on_retry(
     assert (stats["accepted"], stats["deleted_more_than_once"], stats["ghosts_injected"]) == (5, 0, 5)
 
 
+@pytest.mark.parametrize("rate_limit", ["40", "0"])  # with the shared bucket, and with it turned off
 def test_throttled_requests_wait_and_succeed(
-    start_sim: Callable[..., Sim], start_worker: Callable[..., Worker], producer: Producer
+    rate_limit: str, start_sim: Callable[..., Sim], start_worker: Callable[..., Worker], producer: Producer
 ) -> None:
     sim = start_sim("--rate-limit", "20", "--rate-burst", "5", "--retry-after", "1")
     ids = sim.seed(20)
-    worker = start_worker(sim)
+    worker = start_worker(sim, VBS_RATE_LIMIT=rate_limit, VBS_FOLLOW_JOBS="false")
     started = time.monotonic()
     producer.delete_backups(PROJECT, ids)
     samples = worker.wait_for_deletions(20)

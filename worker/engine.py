@@ -424,7 +424,7 @@ class Engine:
             )
             metrics.RETRIES.labels(decision.reason).inc()
             log.info("retrying in %.2fs after %s", wait, decision.reason, extra={"ctx": ctx})
-            if decision.verdict is Verdict.THROTTLED:
+            if decision.verdict is Verdict.THROTTLED and self._limiter.enabled:
                 await self._limiter.pause(wait)  # every worker waits, not only this deletion
             else:
                 await self._interruptible(functools.partial(asyncio.sleep, wait))

@@ -61,6 +61,11 @@ class RateLimiter:
         metrics.RATE_LIMIT_WAIT.labels(self._name).observe(waited)
         return waited
 
+    @property
+    def enabled(self) -> bool:
+        """False when the rate is 0: acquire() returns at once and pause() does nothing."""
+        return self._rate > 0
+
     async def pause(self, seconds: float) -> None:
         """Empty the bucket and hold every worker for ``seconds`` (after a 429)."""
         if self._rate <= 0 or seconds <= 0:
