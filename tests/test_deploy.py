@@ -202,7 +202,7 @@ def test_worker_deployment_fits_the_settings() -> None:
     assert settings.metrics_port == Settings().metrics_port == 9808
     probes = {kind: main[kind]["httpGet"] for kind in ("livenessProbe", "readinessProbe")}
     assert probes == {
-        "livenessProbe": {"path": "/healthz", "port": "metrics"},
+        "livenessProbe": {"path": "/metrics", "port": "metrics"},
         "readinessProbe": {"path": "/readyz", "port": "metrics"},
     }
 
