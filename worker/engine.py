@@ -311,8 +311,10 @@ class Engine:
             "request_id": request_id,
             "job_id": None,
         }
-        verdict, detail = await self._until_redis(lambda: ledger.claim(project_id, backup_id, request_id))
-        while verdict == "busy":
+        while True:
+            verdict, detail = await self._until_redis(lambda: ledger.claim(project_id, backup_id, request_id))
+            if verdict != "busy":
+                break
             # In flight in a live worker (a redelivered or duplicate task): wait for its outcome, or for its
             # heartbeat to expire and take the claim over. Skipping it would lose the deletion if that
             # worker died before finishing, since this message would then be the last copy.
@@ -320,7 +322,6 @@ class Engine:
                 await self._interruptible(lambda: asyncio.sleep(self._settings.heartbeat_interval))
             except Interrupted:
                 return DeletionResult(backup_id, "interrupted", "shutdown", 0, None)
-            verdict, detail = await self._until_redis(lambda: ledger.claim(project_id, backup_id, request_id))
         if verdict != "claimed":
             log.info("duplicate skipped (%s: %s)", verdict, detail, extra={"ctx": ctx})
             metrics.DELETIONS.labels("duplicate").inc()

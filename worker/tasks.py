@@ -97,9 +97,16 @@ def _refuse_unreadable(exc: Exception) -> None:
     problem = InvalidTask(
         "malformed_message", f"unreadable queue item: {type(exc).__name__}: {str(exc)[:200]}"
     )
+    _record_refusal("queue item", problem, "", None, {})
+
+
+def _record_refusal(
+    what: str, problem: InvalidTask, task_name: str, task_id: str | None, kwargs: dict[str, Any]
+) -> None:
+    """Count, log and dead-letter a refused task, message or queue item (``what`` names which)."""
     metrics.REJECTED_TASKS.labels(problem.reason).inc()
-    log.warning("queue item refused: %s", problem)
-    engine().reject("", None, {}, problem)
+    log.warning("%s refused: %s", what, problem, extra={"ctx": {"task": task_name, "task_id": task_id}})
+    engine().reject(task_name, task_id, kwargs, problem)
 
 
 broker.on_unreadable = _refuse_unreadable
@@ -120,11 +127,10 @@ def _message_problem(message: Any) -> InvalidTask | None:
 def _refuse(message: Any, problem: InvalidTask) -> None:
     """Count, log and dead-letter a message Celery must not see, then acknowledge it."""
     headers = message.headers if isinstance(message.headers, dict) else {}
-    task_name, task_id = str(headers.get("task", ""))[:80], headers.get("id")
-    metrics.REJECTED_TASKS.labels(problem.reason).inc()
-    log.warning("message refused: %s", problem, extra={"ctx": {"task": task_name, "task_id": task_id}})
+    task_name, raw_id = str(headers.get("task", ""))[:80], headers.get("id")
     raw = message.body.decode("utf-8", "replace") if isinstance(message.body, bytes) else str(message.body)
-    engine().reject(task_name, task_id if isinstance(task_id, str) else None, {"body": raw[:2000]}, problem)
+    task_id = raw_id if isinstance(raw_id, str) else None
+    _record_refusal("message", problem, task_name, task_id, {"body": raw[:2000]})
     message.ack()
 
 
@@ -186,9 +192,7 @@ def handle(
     try:
         request = validate(task_name, args, kwargs)
     except InvalidTask as exc:
-        metrics.REJECTED_TASKS.labels(exc.reason).inc()
-        log.warning("task rejected: %s", exc, extra={"ctx": {"task": task_name, "task_id": task_id}})
-        engine().reject(task_name, task_id, kwargs, exc)
+        _record_refusal("task", exc, task_name, task_id, kwargs)
         return []
     results = engine().run(request)
     unfinished = sum(1 for result in results if result.outcome == "interrupted")
