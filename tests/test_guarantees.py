@@ -58,6 +58,8 @@ def test_two_workers_share_the_limit_through_a_script_flush(
     ids = sim.seed(120)
     limits = {"VBS_RATE_LIMIT": "20", "VBS_RATE_BURST": "3", "VBS_VISIBILITY_TIMEOUT": "5000"}
     workers = [start_worker(sim, **limits), start_worker(sim, **limits)]
+    for worker in workers:  # both consume before the tasks arrive, so each gets its share
+        processes.wait_until(lambda w=worker: processes.http_ok(w.child.url + "/readyz"), 30, "consuming")
     started = time.monotonic()
     for start in range(0, len(ids), 10):
         producer.delete_backups(PROJECT, ids[start : start + 10])

@@ -217,3 +217,45 @@ def test_counters_add_up_exactly_over_several_processes(
     assert sim.stats()["accepted"] == 100 and sim.stats()["deleted_more_than_once"] == 0
     ports = {w.child.url for w in workers}
     assert len(ports) == 3  # each process serves its own registry on its own port
+
+
+def test_task_is_acknowledged_before_its_jobs_end_and_follow_ups_are_capped(
+    start_sim: Callable[..., Sim], start_worker: Callable[..., Worker], producer: Producer, redis_url: str
+) -> None:
+    """Follow-ups run after the ack: the ledger says pending, then success. At most VBS_MAX_FOLLOWING
+    follow-ups run at once; the next deletion waits for a slot before it is sent."""
+    import time
+
+    import redis
+
+    from worker import keys
+
+    sim = start_sim("--job-duration", "1.5")
+    ids = sim.seed(6)
+    worker = start_worker(sim, VBS_JOB_POLL_INTERVAL="0.3", VBS_MAX_FOLLOWING="2")
+    client = redis.Redis.from_url(redis_url)
+    producer.delete_backups(PROJECT, ids)
+    processes.wait_until(lambda: sim.stats()["accepted"] >= 1, 20, "a first accepted delete")
+    peak = 0.0
+    deadline = time.monotonic() + 60
+    while worker.count(DELETIONS) < 6 and time.monotonic() < deadline:
+        peak = max(peak, worker.count("vbs_deleter_follow_ups_in_progress"))
+        assert sim.stats()["accepted"] - worker.count(DELETIONS) <= 2  # accepted, not yet confirmed
+        time.sleep(0.05)
+    samples = worker.metrics()
+    assert by_label(samples, DELETIONS, "outcome") == {"accepted": 6}
+    assert by_label(samples, "vbs_deleter_jobs_total", "status") == {"success": 6}
+    assert peak == 2  # the cap was reached and never passed
+    assert client.hget(keys.ledger(PROJECT, ids[-1]), "job_status") == b"success"
+
+    # one more task with a long job: acknowledged while its job still runs
+    sim.configure(job_duration=30.0)
+    (late,) = sim.seed(1)
+    producer.delete_backup(PROJECT, late)
+    processes.wait_until(
+        lambda: client.hget(keys.ledger(PROJECT, late), "job_status") == b"pending", 20, "a pending job"
+    )
+    processes.wait_until(lambda: worker.count("vbs_deleter_tasks_total") == 2, 20, "the second task acked")
+    assert (client.hlen("unacked"), client.llen(producer._queue)) == (0, 0)
+    assert worker.count("vbs_deleter_follow_ups_in_progress") == 1
+    assert worker.count(DELETIONS) == 6  # counted when its job ends

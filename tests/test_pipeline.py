@@ -462,11 +462,20 @@ def _envelope(queue: str, **changes: object) -> str:
     return json.dumps(item)
 
 
+@pytest.mark.parametrize("queued_first", [False, True], ids=["one_by_one", "reserved_in_bulk"])
 def test_unreadable_queue_items_never_stop_the_worker(
-    sim: Sim, start_worker: Callable[..., Worker], producer: Producer, redis_url: str, queue: str
+    sim: Sim,
+    start_worker: Callable[..., Worker],
+    producer: Producer,
+    redis_url: str,
+    queue: str,
+    queued_first: bool,
 ) -> None:
-    """Items kombu itself cannot read (pushed straight into the list) are counted and dead-lettered."""
-    worker = start_worker(sim)
+    """Items kombu itself cannot read (pushed straight into the list) are counted and dead-lettered, and
+    none stays unacknowledged: also when the worker finds them queued and takes them in bulk (the
+    reserve script records readable envelopes as unacknowledged before Python looks at them)."""
+    client = redis.Redis.from_url(redis_url)
+    worker = None if queued_first else start_worker(sim)
 
     def headers(**extra: object) -> dict[str, object]:
         return {"task": "vbs.delete_backup", "id": str(uuid.uuid4()), "lang": "py", **extra}
@@ -484,9 +493,9 @@ def test_unreadable_queue_items_never_stop_the_worker(
         _envelope(queue, headers=headers(expires=12345)),
         _envelope(queue, headers=headers(compression="application/x-gzip")),
     ]
-    client = redis.Redis.from_url(redis_url)
     for item in items:
         client.lpush(queue, item)
+    worker = worker or start_worker(sim)
     wait_until(
         lambda: worker.count("vbs_deleter_rejected_tasks_total") == len(items), 30, "every item refused"
     )
@@ -503,3 +512,30 @@ def test_unreadable_queue_items_never_stop_the_worker(
     )
     assert len(json.loads(letters.stdout)) == len(items)
     assert sim.stats()["requests"]["delete"] == 2
+    assert (client.llen(queue), client.hlen("unacked"), client.zcard("unacked_index")) == (0, 0, 0)
+
+
+def test_eta_is_honoured_and_an_expired_task_refused(
+    sim: Sim, start_worker: Callable[..., Worker], producer: Producer, queue: str
+) -> None:
+    """A countdown delays the task (it waits in the engine); a task past its expiry is refused."""
+    from datetime import UTC, datetime, timedelta
+
+    ids = sim.seed(2)
+    worker = start_worker(sim)
+    sent = time.time()
+    producer._app.send_task(
+        "vbs.delete_backup", kwargs={"project_id": PROJECT, "backup_id": ids[0]}, queue=queue, countdown=2
+    )
+    producer._app.send_task(
+        "vbs.delete_backup",
+        kwargs={"project_id": PROJECT, "backup_id": ids[1]},
+        queue=queue,
+        expires=datetime.now(UTC) - timedelta(seconds=1),
+    )
+    wait_until(lambda: worker.count("vbs_deleter_rejected_tasks_total") == 1, 20, "the expired task refused")
+    assert sim.stats()["requests"]["delete"] == 0  # the other waits for its eta
+    worker.wait_for_deletions(1)
+    assert time.time() - sent >= 2
+    assert by_label(worker.metrics(), "vbs_deleter_rejected_tasks_total", "reason") == {"expired": 1}
+    assert sim.stats()["requests"]["delete"] == 1

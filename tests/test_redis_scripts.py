@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import redis
@@ -79,3 +80,41 @@ def test_claims_done_busy_and_dead_owner(redis_url: str) -> None:
     mark_queued(sync, P, [B1, "90a599e0-31e7-49b7-b260-868f441e862b"], ttl=60)
     assert read_record(sync, B1, P)[0]["state"] == "accepted"  # queued never overwrites a record
     assert read_record(sync, "90a599e0-31e7-49b7-b260-868f441e862b", P)[0]["state"] == "queued"
+
+
+def test_reserve_script_pops_and_records_in_kombus_format(redis_url: str) -> None:
+    """reserve_messages.lua: pops at most N items; readable envelopes land in the unacked hash exactly as
+    kombu writes them ([message, exchange, routing_key], the message verbatim) and in its index."""
+    from worker.broker import _RESERVE
+
+    client = redis.Redis.from_url(redis_url)
+    queue, unacked, index = "t.reserve", "t.unacked", "t.unacked_index"
+    client.delete(queue, unacked, index)
+    good = [
+        json.dumps(
+            {
+                "body": "e30=",
+                "headers": {"stamped_headers": [], "timelimit": [None, None]},
+                "properties": {
+                    "delivery_tag": f"tag-{n}",
+                    "delivery_info": {"exchange": "", "routing_key": "t.reserve"},
+                },
+            }
+        )
+        for n in range(9)
+    ]
+    junk = "not json"
+    client.lpush(queue, good[0], junk, *good[1:])  # RPOP takes them in this order
+    script = client.register_script(_RESERVE)
+    replies = script(keys=[queue, unacked, index], args=[3, 1234.5])
+    assert [r.decode() for r in replies] == [good[0], "tag-0", junk, "", good[1], "tag-1"]
+    assert client.llen(queue) == 7  # at most 3 popped
+    taken = [len(script(keys=[queue, unacked, index], args=[32, 1.0])) // 2 for _ in range(4)]
+    assert taken == [3, 2, 1, 0]  # half of those queued, rounded down: the last one is left to BRPOP
+    assert client.llen(queue) == 1
+    assert json.loads(client.hget(unacked, "tag-0") or b"") == [json.loads(good[0]), "", "t.reserve"]
+    assert client.hget(unacked, "tag-0") == f'[{good[0]},"","t.reserve"]'.encode()  # verbatim
+    assert client.zscore(index, "tag-0") == client.zscore(index, "tag-1") == 1234.5
+    assert client.hlen(unacked) == 8  # the junk item is not recorded
+    assert script(keys=["t.empty", unacked, index], args=[5, 1.0]) == []
+    client.delete(queue, unacked, index)

@@ -1,19 +1,29 @@
 """The deletion engine: one long-lived asyncio loop in a thread of the worker process.
 
 The loop owns the aiohttp session, the status listener (worker/http_server.py) and every coroutine.
-Celery task threads hand it validated requests with :meth:`Engine.run` and block until their deletions
-are settled. At most ``settings.concurrency`` HTTP requests are in flight per process, whatever the
-number of task threads.
+The consumer hands it validated requests with :meth:`Engine.dispatch`, which returns at once; the request's
+callback runs when every deletion of it is settled (accepted, gone, failed, duplicate or interrupted), and
+the task is acknowledged then. An accepted deletion is then followed to its end in the background (up to
+``settings.max_following`` at once), which records the final outcome in the ledger and the metrics.
+
+Bounds per process: at most ``settings.concurrency`` HTTP requests in flight, and at most
+``LIVE_PER_SLOT * concurrency`` deletions between their claim and their delete's answer, however many IDs
+the reserved tasks hold: the rest of a task's IDs wait as strings, not as coroutines.
 Create an Engine inside the process that uses it (never before a fork).
 
 Shutdown: :meth:`Engine.begin_shutdown` arms a deadline; past it, every deletion waiting (for the rate
-limiter, a concurrency slot or a backoff) gives its ledger claim back and ends ``interrupted``, and so does
-every later one, so a task's thread returns within one HTTP attempt and the task goes back to the queue.
+limiter, a slot or a backoff) gives its ledger claim back and ends ``interrupted``, and so does every later
+one, so a request settles within one HTTP attempt and its task goes back to the queue. Follow-ups still
+waiting then stop; their deletions stay ``accepted`` with ``job_status`` ``pending``.
+:meth:`Engine.wait_idle` waits for both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import dataclasses
 import functools
 import os
 import random
@@ -44,6 +54,7 @@ from worker.vbs import VbsClient
 log = logs.get("engine")
 T = TypeVar("T")
 _REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+LIVE_PER_SLOT = 16  # deletions past their claim per HTTP slot: enough to keep the slots busy, few in memory
 
 
 class Interrupted(Exception):
@@ -60,7 +71,11 @@ class DeletionResult:
     reason: str  # bounded label: accepted, already_gone, status_400, exhausted_status_503, job_fail, ...
     attempts: int  # delete attempts made
     answer: Answer | None  # the last answer to the delete (None for a duplicate)
-    job: jobs.JobResult | None = None  # how the followed deletion ended (None when not followed)
+    job: jobs.JobResult | None = None  # how the followed deletion ended (None while not followed)
+
+
+Outcomes = collections.Counter[str]  # deletions of one request by outcome (DeletionResult.outcome)
+Settled = concurrent.futures.Future[Outcomes]  # of a dispatched request
 
 
 class Engine:
@@ -80,7 +95,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._session: aiohttp.ClientSession | None = None
         self._client: VbsClient | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: asyncio.Semaphore | None = None  # HTTP requests in flight
+        self._live: asyncio.Semaphore | None = None  # deletions between claim and answer
+        self._following: asyncio.Semaphore | None = None  # follow-ups running or reserved
+        self._busy: set[asyncio.Task[Any]] = set()  # dispatched requests and follow-ups
         self._redis: aioredis.Redis | None = None
         self._ledger: Ledger | None = None
         self._limiter: RateLimiter | None = None
@@ -94,7 +112,6 @@ class Engine:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def start(self) -> None:
-        """Start the loop thread, open the session and the metrics listener; returns once ready."""
         if self._loop is not None:
             return
         self._loop = asyncio.new_event_loop()
@@ -112,9 +129,19 @@ class Engine:
         self._loop.close()
         self._loop = self._thread = None
 
-    def run(self, request: DeletionRequest) -> list[DeletionResult]:
-        """Delete every backup of ``request`` (blocking the calling thread); results in request order."""
-        return self._submit(self._delete_all(request))
+    def dispatch(
+        self, request: DeletionRequest, settled: Callable[[Settled], object], not_before: float = 0.0
+    ) -> None:
+        """Thread-safe, returns at once: delete every backup of ``request``, not before Unix time
+        ``not_before``; ``settled(future)`` is called in the loop thread when every deletion is settled."""
+        if self._loop is None:
+            raise RuntimeError("engine not started")
+        future = asyncio.run_coroutine_threadsafe(self._run_request(request, not_before), self._loop)
+        future.add_done_callback(settled)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no request or follow-up is left (True), or ``timeout`` seconds pass (False)."""
+        return bool(self._submit(self._idle(timeout)))
 
     def begin_shutdown(self, grace: float) -> None:
         """Thread-safe: interrupt waiting and later deletions ``grace`` seconds from now (see module doc)."""
@@ -123,7 +150,7 @@ class Engine:
 
     def _interrupt(self) -> None:
         self._stopping = True
-        log.warning("shutdown deadline: %d waiting deletion(s) go back to the queue", len(self._waiters))
+        log.warning("shutdown deadline: %d waiting deletion(s) and follow-up(s) stop", len(self._waiters))
         for task in list(self._waiters):
             task.cancel()
 
@@ -172,6 +199,8 @@ class Engine:
         log.info("authentication: %s", self._auth.mode)
         self._client = VbsClient(self._session, settings, self._auth)
         self._slots = asyncio.Semaphore(settings.concurrency)
+        self._live = asyncio.Semaphore(LIVE_PER_SLOT * settings.concurrency)
+        self._following = asyncio.Semaphore(settings.max_following)
         self._ledger = Ledger(self._redis, settings.ledger_ttl, self.owner)
         self._limiter = RateLimiter(self._redis, "delete", settings.rate_limit, settings.rate_burst)
         self._poll_limiter = (
@@ -229,15 +258,90 @@ class Engine:
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
 
-    async def _delete_all(self, request: DeletionRequest) -> list[DeletionResult]:
-        return list(
-            await asyncio.gather(
-                *(
-                    self._delete_one(request.project_id, backup_id, request.request_id)
-                    for backup_id in request.backup_ids
-                )
+    def _track(self) -> Callable[[], None]:
+        """Count the current task as busy (see :meth:`wait_idle`); returns the call that un-counts it."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._busy.add(task)
+        return functools.partial(self._busy.discard, task)
+
+    async def _idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self._busy and time.monotonic() < deadline:
+            await asyncio.wait(set(self._busy), timeout=deadline - time.monotonic())
+        return not self._busy
+
+    async def _run_request(self, request: DeletionRequest, not_before: float) -> Outcomes:
+        untrack = self._track()
+        try:
+            delay = not_before - time.time()
+            if delay > 0:  # a task with a Celery eta: wait here, holding only its message
+                try:
+                    await self._interruptible(functools.partial(asyncio.sleep, delay))
+                except Interrupted:
+                    return collections.Counter(interrupted=len(request.backup_ids))
+            return await self._delete_all(request)
+        except Exception as exc:  # a bug: record the task rather than lose it silently
+            log.exception("task failed inside the engine", extra={"ctx": {"request_id": request.request_id}})
+            letter = DeadLetter(
+                kind="rejected_task",
+                reason="internal_error",
+                ts=time.time(),
+                message=f"{type(exc).__name__}: {str(exc)[:200]}",
+                task_id=uuid.uuid4().hex,
+                request_id=request.request_id,
+                project_id=request.project_id,
+                kwargs=kwargs_text(
+                    {"project_id": request.project_id, "backup_ids": list(request.backup_ids)}
+                ),
             )
-        )
+            await self._record_rejection([], letter)
+            return collections.Counter()
+        finally:
+            untrack()
+
+    async def _delete_all(self, request: DeletionRequest) -> Outcomes:
+        """Start the deletions in request order as live slots free up; count how each one ended. Finished
+        deletions are dropped at once, so a task holds only its IDs and its live deletions."""
+        live = self._live
+        assert live is not None
+        outcomes: Outcomes = collections.Counter()
+        running: set[asyncio.Task[DeletionResult]] = set()
+        failures: list[BaseException] = []
+
+        def finished(deletion: asyncio.Task[DeletionResult]) -> None:
+            live.release()
+            running.discard(deletion)
+            if deletion.cancelled():
+                return
+            if (failure := deletion.exception()) is not None:
+                failures.append(failure)
+            else:
+                outcomes[deletion.result().outcome] += 1
+
+        started = 0
+        try:
+            for backup_id in request.backup_ids:
+                try:
+                    await self._interruptible(live.acquire)
+                except Interrupted:
+                    break
+                deletion = asyncio.create_task(
+                    self._delete_one(request.project_id, backup_id, request.request_id)
+                )
+                running.add(deletion)
+                deletion.add_done_callback(finished)
+                started += 1
+            while running:
+                await asyncio.wait(set(running))
+        except asyncio.CancelledError:
+            for deletion in running:
+                deletion.cancel()
+            raise
+        if failures:
+            raise failures[0]
+        outcomes["interrupted"] += len(request.backup_ids) - started
+        return outcomes
 
     async def _attempt(
         self, operation: str, call: Callable[[], Awaitable[Answer]], backup_id: str, job_id: str | None = None
@@ -267,11 +371,11 @@ class Engine:
             metrics.HTTP_REQUESTS.labels(operation, metrics.status_label(answer.status)).inc(1, exemplar)
         return answer
 
-    async def _follow(
+    def _job_reader(
         self, project_id: str, backup_id: str, answer: Answer, ctx: dict[str, object]
-    ) -> jobs.JobResult | None:
-        """Follow an accepted deletion (worker/jobs.py) unless ``VBS_FOLLOW_JOBS`` is off. None when not
-        followed, or when the shutdown deadline cut the follow-up short."""
+    ) -> Callable[[], Awaitable[Answer]] | None:
+        """The read that follows an accepted deletion (worker/jobs.py), or None when it is not followed
+        (``VBS_FOLLOW_JOBS`` off, or no usable job ID in ``cloudbackups`` mode)."""
         client = self._client
         assert client is not None
         job_id = answer.job_id if self._settings.api == "cloudbackups" else None
@@ -286,24 +390,56 @@ class Engine:
             operation, read = "job", functools.partial(client.get_job, project_id, job_id)
         else:
             operation, read = "show", functools.partial(client.get_backup, project_id, backup_id)
+        return lambda: self._attempt(operation, read, backup_id, job_id)
+
+    async def _follow_up(
+        self,
+        accepted: DeletionResult,
+        read: Callable[[], Awaitable[Answer]],
+        project_id: str,
+        request_id: str | None,
+        ctx: dict[str, object],
+    ) -> None:
+        """Follow an accepted deletion in the background, then record how it ended. Holds a follow slot,
+        released at the end. Cut short by the shutdown deadline, the record stays ``job_status`` pending."""
+        assert self._following is not None
+        job_id = accepted.answer.job_id if accepted.answer is not None else None
+        followed_job = job_id if self._settings.api == "cloudbackups" else None
+        metrics.FOLLOWING.inc()
         try:
-            return await jobs.follow(
-                lambda: self._attempt(operation, read, backup_id, job_id),
-                job_id,
-                backup_id,
+            job = await jobs.follow(
+                read,
+                followed_job,
+                accepted.backup_id,
                 self._settings,
                 ctx,
                 sleep=lambda seconds: self._interruptible(functools.partial(asyncio.sleep, seconds)),
             )
-        except Interrupted:  # the delete was accepted: record that, unconfirmed, rather than send it again
+        except Interrupted:  # the delete was accepted: count that, unconfirmed, rather than send it again
             log.info("shutdown deadline: accepted, follow-up cut short", extra={"ctx": ctx})
-            if job_id is not None:
-                metrics.RECENT_JOBS.record(job_id, backup_id, "accepted")
-            return None
+            if followed_job is not None:
+                metrics.RECENT_JOBS.record(followed_job, accepted.backup_id, "accepted")
+            metrics.DELETIONS.labels("accepted").inc()
+            return
+        finally:
+            self._following.release()
+            metrics.FOLLOWING.dec()
+        if job.status == "success":
+            ended = dataclasses.replace(accepted, job=job)
+        else:
+            ended = dataclasses.replace(accepted, outcome="failed", reason=f"job_{job.status}", job=job)
+        await self._record(project_id, ended, request_id, following=False, new_attempts=0)
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        """Run ``coroutine`` as a background task counted as busy (see :meth:`wait_idle`)."""
+        task = asyncio.ensure_future(coroutine)
+        self._busy.add(task)
+        task.add_done_callback(self._busy.discard)
 
     async def _delete_one(self, project_id: str, backup_id: str, request_id: str | None) -> DeletionResult:
-        """Claim the backup in the ledger, delete it, record the result (and a dead letter if it failed)."""
-        assert self._ledger is not None
+        """Claim the backup in the ledger, delete it, record the result (and a dead letter if it failed);
+        an accepted deletion is then followed in the background (a follow slot is taken before sending)."""
+        assert self._ledger is not None and self._following is not None
         ledger = self._ledger
         ctx: dict[str, object] = {
             "project_id": project_id,
@@ -321,32 +457,64 @@ class Engine:
             try:
                 await self._interruptible(lambda: asyncio.sleep(self._settings.heartbeat_interval))
             except Interrupted:
-                return DeletionResult(backup_id, "interrupted", "shutdown", 0, None)
+                return _interrupted(backup_id)
         if verdict != "claimed":
             log.info("duplicate skipped (%s: %s)", verdict, detail, extra={"ctx": ctx})
             metrics.DELETIONS.labels("duplicate").inc()
             return DeletionResult(backup_id, "duplicate", f"duplicate_{verdict}", 0, None)
+        following = self._settings.follow_jobs
         try:
-            result = await self._send(project_id, backup_id, ctx)
+            if following:
+                await self._interruptible(self._following.acquire)
+            try:
+                result = await self._send(project_id, backup_id, ctx)
+            except BaseException:
+                if following:
+                    self._following.release()
+                raise
         except (asyncio.CancelledError, Interrupted) as exc:
             await self._until_redis(lambda: ledger.release(project_id, backup_id))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             log.info("deletion interrupted by the shutdown deadline", extra={"ctx": ctx})
-            return DeletionResult(backup_id, "interrupted", "shutdown", int(str(ctx.get("attempt", 0))), None)
+            return dataclasses.replace(_interrupted(backup_id), attempts=int(str(ctx.get("attempt", 0))))
+        read = None
+        if result.outcome == "accepted":
+            assert result.answer is not None
+            read = self._job_reader(project_id, backup_id, result.answer, ctx)
+        if following and read is None:
+            self._following.release()
+        await self._record(project_id, result, request_id, following=read is not None)
+        if read is not None:
+            self._spawn(self._follow_up(result, read, project_id, request_id, dict(ctx)))
+        return result
+
+    async def _record(
+        self,
+        project_id: str,
+        result: DeletionResult,
+        request_id: str | None,
+        following: bool,
+        new_attempts: int | None = None,
+    ) -> None:
+        """Write ``result`` to the ledger (with a dead letter if it failed) and count it. ``following``: its
+        job is being followed, so the record says ``job_status`` pending and the count waits for the end.
+        ``new_attempts``: delete attempts not yet in the ledger (default: all of the result's)."""
+        assert self._ledger is not None
+        ledger = self._ledger
         answer, job = result.answer, result.job
         assert answer is not None
         failed_job = job is not None and job.status != "success"
         error_code = job.error_code if job is not None and failed_job else answer.error_code
         message = job.fail_reason if job is not None and failed_job else answer.message
         update = {
-            "attempts": result.attempts,
+            "attempts": result.attempts if new_attempts is None else new_attempts,
             "status": answer.status,
             "error_code": error_code,
             "error": message,
             "vbs_request_id": answer.request_id,
             "job_id": answer.job_id,
-            "job_status": job.status if job is not None else None,
+            "job_status": "pending" if following else job.status if job is not None else None,
             "reason": result.reason,
         }
         letter = None
@@ -356,20 +524,23 @@ class Engine:
                 reason=result.reason,
                 ts=time.time(),
                 project_id=project_id,
-                backup_id=backup_id,
+                backup_id=result.backup_id,
                 status=answer.status,
                 error_code=error_code,
                 message=message,
                 vbs_request_id=answer.request_id,
                 request_id=request_id,
                 attempts=result.attempts,
+                job_id=answer.job_id,
             )
+        backup_id = result.backup_id
         await self._until_redis(lambda: ledger.finish(project_id, backup_id, result.outcome, update, letter))
+        if following:
+            return
         metrics.DELETIONS.labels(result.outcome).inc()
         if result.outcome == "failed":
             status = "job" if failed_job else metrics.status_label(answer.status)
             metrics.FAILURES.labels(status, metrics.bounded_code(error_code)).inc()
-        return result
 
     async def _send(self, project_id: str, backup_id: str, ctx: dict[str, object]) -> DeletionResult:
         """Attempt until accepted, gone, permanently failed, or out of attempts / throttle waits."""
@@ -391,14 +562,7 @@ class Engine:
             if decision.verdict in (Verdict.ACCEPTED, Verdict.GONE):
                 ctx["job_id"] = answer.job_id
                 log.info("deletion %s", decision.reason, extra={"ctx": ctx})
-                job = None
-                if decision.verdict is Verdict.ACCEPTED:
-                    job = await self._follow(project_id, backup_id, answer, ctx)
-                if job is not None and job.status != "success":
-                    return DeletionResult(backup_id, "failed", f"job_{job.status}", attempts, answer, job)
-                return DeletionResult(
-                    backup_id, decision.verdict.value, decision.reason, attempts, answer, job
-                )
+                return DeletionResult(backup_id, decision.verdict.value, decision.reason, attempts, answer)
             if decision.verdict is Verdict.THROTTLED:
                 throttled += 1
                 exhausted = throttled > settings.max_throttle_waits
@@ -429,3 +593,8 @@ class Engine:
                 await self._limiter.pause(wait)  # every worker waits, not only this deletion
             else:
                 await self._interruptible(functools.partial(asyncio.sleep, wait))
+
+
+def _interrupted(backup_id: str) -> DeletionResult:
+    """A deletion the shutdown deadline stopped before it was sent (or between attempts)."""
+    return DeletionResult(backup_id, "interrupted", "shutdown", 0, None)

@@ -48,6 +48,7 @@ class DeadLetter:
     task_name: str | None = None
     task_id: str | None = None
     kwargs: str | None = None
+    job_id: str | None = None  # the deletion's job, when it was accepted and its job failed or timed out
 
     @property
     def entry_id(self) -> str:

@@ -44,6 +44,11 @@ REQUEST_DURATION = Histogram(
 IN_FLIGHT = Gauge(
     f"{PREFIX}_http_requests_in_flight", "Requests to VBS sent and not yet answered.", registry=REGISTRY
 )
+FOLLOWING = Gauge(
+    f"{PREFIX}_follow_ups_in_progress",
+    "Accepted deletions being followed to their end (their tasks are acknowledged already).",
+    registry=REGISTRY,
+)
 DELETIONS = Counter(
     f"{PREFIX}_deletions",
     "Deletions finished, by outcome: accepted, already_gone, failed, or duplicate (not sent again).",

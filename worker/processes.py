@@ -133,7 +133,7 @@ def start_simulator(options: list[str], log_path: Path | None = None) -> Child:
         *options,
     ]
     child = Child(_spawn(args, None, log_path), f"http://127.0.0.1:{port}", log_path)
-    wait_until(lambda: _http_ok(child.url + "/_sim/stats"), 15, "the simulator")
+    wait_until(lambda: http_ok(child.url + "/_sim/stats"), 15, "the simulator")
     return child
 
 
@@ -152,7 +152,7 @@ def start_worker(env: Mapping[str, str], log_path: Path | None = None, hostname:
     def ready() -> bool:
         if child.process.poll() is not None:
             raise RuntimeError(f"worker exited with {child.process.returncode}:\n{child.log_text()[-3000:]}")
-        return _http_ok(child.url + "/metrics")
+        return http_ok(child.url + "/metrics")
 
     wait_until(ready, 60, "the worker's /metrics")
     return child
@@ -172,11 +172,12 @@ def start_prometheus(config: Path, data_dir: Path, log_path: Path | None = None)
         "--enable-feature=exemplar-storage",
     ]
     child = Child(_spawn(args, None, log_path), f"http://127.0.0.1:{port}", log_path)
-    wait_until(lambda: _http_ok(child.url + "/-/ready"), 60, "prometheus")
+    wait_until(lambda: http_ok(child.url + "/-/ready"), 60, "prometheus")
     return child
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """True when a GET of ``url`` answers 200 (an error status raises, as OSError)."""
     with urllib.request.urlopen(url, timeout=2) as response:
         return bool(response.status == 200)
 

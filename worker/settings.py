@@ -135,6 +135,12 @@ class Settings(BaseModel):
     job_deadline: float = Field(
         900.0, gt=0, description="seconds a deletion job may take before it counts as failed (job_timeout)"
     )
+    max_following: int = Field(
+        10000,
+        ge=1,
+        le=1_000_000,
+        description="deletions followed to their end at once per worker process; more wait before sending",
+    )
     recent_jobs: int = Field(
         50, ge=0, le=1000, description="job IDs kept as vbs_deleter_recent_job_info series (last N)"
     )
@@ -152,8 +158,9 @@ class Settings(BaseModel):
     def longest_unacked(self) -> float:
         """Upper bound, in seconds, on how long a task message stays unacknowledged.
 
-        One deletion: its transient attempts with their backoffs, its throttle waits, and following its
-        job up to ``job_deadline`` (plus the poll under way then). A task may also
+        One deletion: its transient attempts with their backoffs, its throttle waits, and (follow-up on)
+        waiting for a follow-up slot, which the oldest follow-up frees by ``job_deadline`` (plus the poll
+        under way then); the follow-up itself runs after the task is acknowledged. A task may also
         queue behind the others this process has reserved (one per thread, up to 1000 IDs each) drawing
         from the shared rate; the bound assumes this process gets the whole rate limit. A redelivered claim
         is only taken over once its dead owner's heartbeat (3 intervals) has expired.
