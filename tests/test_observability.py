@@ -259,3 +259,35 @@ def test_task_is_acknowledged_before_its_jobs_end_and_follow_ups_are_capped(
     assert (client.hlen("unacked"), client.llen(producer._queue)) == (0, 0)
     assert worker.count("vbs_deleter_follow_ups_in_progress") == 1
     assert worker.count(DELETIONS) == 6  # counted when its job ends
+
+
+def test_follow_ups_of_a_killed_worker_are_taken_over(
+    start_sim: Callable[..., Sim], start_worker: Callable[..., Worker], producer: Producer, redis_url: str
+) -> None:
+    """SIGKILL while jobs are followed (tasks acknowledged already): another worker adopts the pending
+    follow-ups once the dead one's heartbeat expires, records their end, and sends nothing again."""
+    import signal
+
+    import redis
+
+    from worker import keys
+
+    sim = start_sim("--job-duration", "4", "--job-fail-rate", "0")
+    ids = sim.seed(3)
+    fast = {"VBS_HEARTBEAT_INTERVAL": "0.5", "VBS_JOB_POLL_INTERVAL": "0.5"}
+    first = start_worker(sim, **fast)
+    client = redis.Redis.from_url(redis_url)
+    producer.delete_backups(PROJECT, ids)
+    processes.wait_until(lambda: first.count("vbs_deleter_tasks_total") == 1, 20, "the task acked")
+    assert {client.hget(keys.ledger(PROJECT, b), "job_status") for b in ids} == {b"pending"}
+    assert client.zcard(keys.FOLLOWING) == 3
+    first.child.process.send_signal(signal.SIGKILL)
+    first.child.process.wait(10)
+    second = start_worker(sim, **fast)
+    samples = second.wait_for_deletions(3, timeout=30)
+    assert by_label(samples, DELETIONS, "outcome") == {"accepted": 3}
+    assert by_label(samples, "vbs_deleter_jobs_total", "status") == {"success": 3}
+    assert {client.hget(keys.ledger(PROJECT, b), "job_status") for b in ids} == {b"success"}
+    assert client.zcard(keys.FOLLOWING) == 0
+    stats = sim.stats()
+    assert (stats["requests"]["delete"], stats["accepted"]) == (3, 3)  # nothing sent again

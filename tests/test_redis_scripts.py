@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 
 import redis
 import redis.asyncio as aioredis
@@ -118,3 +119,44 @@ def test_reserve_script_pops_and_records_in_kombus_format(redis_url: str) -> Non
     assert client.hlen(unacked) == 8  # the junk item is not recorded
     assert script(keys=["t.empty", unacked, index], args=[5, 1.0]) == []
     client.delete(queue, unacked, index)
+
+
+def test_adopt_takes_only_pending_follow_ups_of_dead_workers(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        await client.delete(keys.FOLLOWING)
+        records = {
+            "dead": {"state": "accepted", "job_status": "pending", "owner": "w-dead", "job_id": "j1"},
+            "alive": {"state": "accepted", "job_status": "pending", "owner": "w-alive", "job_id": "j2"},
+            "done": {"state": "accepted", "job_status": "success", "owner": "", "job_id": "j3"},
+        }
+        backups = {name: str(uuid.uuid4()) for name in records}
+        for name, fields in records.items():
+            key = keys.ledger(P, backups[name])
+            await client.hset(
+                key, mapping={**fields, "project_id": P, "backup_id": backups[name], "status": "200"}
+            )
+            await client.zadd(keys.FOLLOWING, {key: 100.0})
+        await client.set(keys.heartbeat("w-alive"), "1", ex=30)
+        ledger = Ledger(client, 3600, "w-new")
+        assert await ledger.adopt(10, stale_before=50.0) == []  # nothing is stale yet
+        adopted = await ledger.adopt(10, stale_before=time.time())
+        assert adopted == [
+            {
+                "key": keys.ledger(P, backups["dead"]),
+                "project_id": P,
+                "backup_id": backups["dead"],
+                "job_id": "j1",
+                "status": "200",
+                "request_id": "",
+            }
+        ]
+        assert await client.hget(keys.ledger(P, backups["dead"]), "owner") == b"w-new"
+        members = {m.decode() for m in await client.zrange(keys.FOLLOWING, 0, -1)}
+        assert members == {keys.ledger(P, backups["dead"]), keys.ledger(P, backups["alive"])}  # done dropped
+        await client.delete(
+            keys.FOLLOWING, keys.heartbeat("w-alive"), *(keys.ledger(P, b) for b in backups.values())
+        )
+        await client.aclose()
+
+    asyncio.run(scenario())

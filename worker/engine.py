@@ -104,6 +104,7 @@ class Engine:
         self._limiter: RateLimiter | None = None
         self._poll_limiter: RateLimiter | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._adopter: asyncio.Task[None] | None = None  # takes over dead workers' follow-ups
         self._consuming = consuming
         self.status_server: StatusServer | None = None
         self.metrics_port: int | None = None
@@ -209,6 +210,8 @@ class Engine:
             else self._limiter
         )
         self._heartbeat = asyncio.create_task(self._beat())
+        if settings.follow_jobs:
+            self._adopter = asyncio.create_task(self._adopt_orphans())
         metrics.RECENT_JOBS.resize(settings.recent_jobs)
         metrics.set_rate_limits(settings.rate_limit, settings.poll_rate_limit)
         self.status_server = StatusServer(settings, self._redis, self._consuming)
@@ -217,8 +220,9 @@ class Engine:
         self.metrics_port = await self.status_server.start()
 
     async def _close(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        for background in (self._heartbeat, self._adopter):
+            if background is not None:
+                background.cancel()
         if self._ledger is not None:
             try:
                 await self._ledger.retire()
@@ -246,6 +250,51 @@ class Engine:
             except _REDIS_ERRORS as exc:
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(interval)
+
+    async def _adopt_orphans(self) -> None:
+        """Every heartbeat interval, follow the pending jobs of workers that died (see Ledger.adopt)."""
+        interval = self._settings.heartbeat_interval
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            try:
+                await self._adopt_some(time.time() - 3 * interval)
+            except _REDIS_ERRORS as exc:
+                log.warning("could not look for orphaned follow-ups: %s", exc)
+
+    async def _adopt_some(self, stale_before: float) -> None:
+        """Adopt as many orphaned follow-ups as free follow slots allow (at most 100 per call)."""
+        assert self._ledger is not None and self._following is not None
+        slots = 0
+        while slots < 100 and not self._following.locked():
+            await self._following.acquire()
+            slots += 1
+        records = []
+        try:
+            records = await self._ledger.adopt(slots, stale_before) if slots else []
+        finally:
+            for _ in range(slots - len(records)):
+                self._following.release()
+        for record in records:
+            project_id, backup_id, request_id = (
+                record["project_id"],
+                record["backup_id"],
+                record["request_id"],
+            )
+            answer = Answer(status=int(record["status"] or 0), job_id=record["job_id"] or None)
+            ctx: dict[str, object] = {
+                "project_id": project_id,
+                "backup_id": backup_id,
+                "request_id": request_id or None,
+                "job_id": answer.job_id,
+            }
+            accepted = DeletionResult(backup_id, "accepted", "accepted", 0, answer)
+            read = self._job_reader(project_id, backup_id, answer, ctx)
+            if read is None:  # nothing to follow after all
+                self._following.release()
+                await self._record(project_id, accepted, request_id or None, follow="end")
+                continue
+            log.info("following up an accepted deletion of a worker that died", extra={"ctx": ctx})
+            self._spawn(self._follow_up(accepted, read, project_id, request_id or None, ctx))
 
     async def _until_redis(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run a Redis operation, waiting out outages (backoff up to 5 s): no record is ever lost."""
@@ -428,7 +477,7 @@ class Engine:
             ended = dataclasses.replace(accepted, job=job)
         else:
             ended = dataclasses.replace(accepted, outcome="failed", reason=f"job_{job.status}", job=job)
-        await self._record(project_id, ended, request_id, following=False, new_attempts=0)
+        await self._record(project_id, ended, request_id, follow="end")
 
     def _spawn(self, coroutine: Awaitable[None]) -> None:
         """Run ``coroutine`` as a background task counted as busy (see :meth:`wait_idle`)."""
@@ -484,31 +533,27 @@ class Engine:
             read = self._job_reader(project_id, backup_id, result.answer, ctx)
         if following and read is None:
             self._following.release()
-        await self._record(project_id, result, request_id, following=read is not None)
+        await self._record(project_id, result, request_id, follow=None if read is None else "start")
         if read is not None:
             self._spawn(self._follow_up(result, read, project_id, request_id, dict(ctx)))
         return result
 
     async def _record(
-        self,
-        project_id: str,
-        result: DeletionResult,
-        request_id: str | None,
-        following: bool,
-        new_attempts: int | None = None,
+        self, project_id: str, result: DeletionResult, request_id: str | None, follow: str | None = None
     ) -> None:
-        """Write ``result`` to the ledger (with a dead letter if it failed) and count it. ``following``: its
-        job is being followed, so the record says ``job_status`` pending and the count waits for the end.
-        ``new_attempts``: delete attempts not yet in the ledger (default: all of the result's)."""
+        """Write ``result`` to the ledger (with a dead letter if it failed) and count it. ``follow``
+        "start": its job is followed from now, so the record says ``job_status`` pending and the count
+        waits for "end", when the follow-up records the job's outcome (its attempts are in already)."""
         assert self._ledger is not None
         ledger = self._ledger
+        following = follow == "start"
         answer, job = result.answer, result.job
         assert answer is not None
         failed_job = job is not None and job.status != "success"
         error_code = job.error_code if job is not None and failed_job else answer.error_code
         message = job.fail_reason if job is not None and failed_job else answer.message
         update = {
-            "attempts": result.attempts if new_attempts is None else new_attempts,
+            "attempts": 0 if follow == "end" else result.attempts,
             "status": answer.status,
             "error_code": error_code,
             "error": message,
@@ -534,7 +579,9 @@ class Engine:
                 job_id=answer.job_id,
             )
         backup_id = result.backup_id
-        await self._until_redis(lambda: ledger.finish(project_id, backup_id, result.outcome, update, letter))
+        await self._until_redis(
+            lambda: ledger.finish(project_id, backup_id, result.outcome, update, letter, follow)
+        )
         if following:
             return
         metrics.DELETIONS.labels(result.outcome).inc()

@@ -7,6 +7,8 @@ Lua scripts touch keys not passed in KEYS (a worker's heartbeat), so a single Re
 PREFIX = "vbs:"
 DEAD_LETTERS = PREFIX + "dlq"  # hash: entry id -> JSON dead letter
 DEAD_LETTER_ORDER = PREFIX + "dlq:order"  # sorted set: entry id scored by time of arrival (seconds)
+FOLLOWING = PREFIX + "following"  # sorted set: ledger keys of accepted deletions whose job is followed,
+# scored by when their follower was last known (Unix seconds); the follower is the record's ``owner``
 
 
 def ledger(project_id: str, backup_id: str) -> str:

@@ -26,6 +26,7 @@ from worker import keys
 from worker.coalesce import Coalescer
 
 _CLAIM = files("worker").joinpath("lua/ledger_claim.lua").read_text()
+_ADOPT = files("worker").joinpath("lua/adopt_follow_ups.lua").read_text()
 DONE_STATES = frozenset({"accepted", "already_gone"})
 MAX_KWARGS_TEXT = 2000  # characters of a rejected task's kwargs kept in its dead letter
 
@@ -77,6 +78,7 @@ class Ledger:
         self._ttl = ttl
         self.owner = owner
         self._claim = client.register_script(_CLAIM)
+        self._adopt = client.register_script(_ADOPT)
         self._batch = Coalescer(client)
 
     async def heartbeat(self, ttl: int) -> None:
@@ -120,20 +122,38 @@ class Ledger:
         state: str,
         update: Mapping[str, object],
         dead_letter: DeadLetter | None = None,
+        follow: str | None = None,
     ) -> None:
-        """Record a final state and the dead letter, if any (pipelined with other calls)."""
+        """Record a state and the dead letter, if any (pipelined with other calls). ``follow``: "start"
+        (accepted, its job followed by this worker from now: see :meth:`adopt`) or "end" (the job ended)."""
         key = keys.ledger(project_id, backup_id)
         attempts = int(str(update.get("attempts", 0)))
-        fields = _fields({**update, "state": state, "owner": "", "last_ts": f"{time.time():.6f}"})
+        owner = self.owner if follow == "start" else ""
+        now = time.time()
+        fields = _fields({**update, "state": state, "owner": owner, "last_ts": f"{now:.6f}"})
         fields.pop("attempts", None)
 
         def add(pipe: Pipeline) -> int:
             pipe.hset(key, mapping=fields)
             pipe.hincrby(key, "attempts", attempts)
             pipe.expire(key, self._ttl)
-            return 3 + (_add_dead_letter(pipe, dead_letter) if dead_letter is not None else 0)
+            if follow == "start":
+                pipe.zadd(keys.FOLLOWING, {key: now})
+            elif follow == "end":
+                pipe.zrem(keys.FOLLOWING, key)
+            count = 3 + (follow is not None)
+            return count + (_add_dead_letter(pipe, dead_letter) if dead_letter is not None else 0)
 
         await self._batch.run(add)
+
+    async def adopt(self, most: int, stale_before: float) -> list[dict[str, str]]:
+        """Take over at most ``most`` follow-ups whose follower is dead (not seen since ``stale_before``,
+        Unix seconds, and without a heartbeat); see worker/lua/adopt_follow_ups.lua. Returns their records'
+        key, project_id, backup_id, job_id, status and request_id."""
+        args = [keys.heartbeat(""), self.owner, str(most), f"{stale_before:.6f}", f"{time.time():.6f}"]
+        flat = [_text(v) for v in await self._adopt(keys=[keys.FOLLOWING], args=args)]
+        names = ("key", "project_id", "backup_id", "job_id", "status", "request_id")
+        return [dict(zip(names, flat[i : i + 6], strict=True)) for i in range(0, len(flat), 6)]
 
     async def reject(self, pairs: Iterable[tuple[str, str]], dead_letter: DeadLetter) -> None:
         """Record a rejected task: its dead letter, and state ``rejected`` for each well-formed backup ID."""
