@@ -79,7 +79,8 @@ Settled = concurrent.futures.Future[Outcomes]  # of a dispatched request
 
 
 class Engine:
-    """Runs deletions concurrently on a private event loop; thread-safe entry point :meth:`run`."""
+    """Runs deletions concurrently on a private event loop. Thread-safe entry points: :meth:`dispatch`,
+    :meth:`reject`, :meth:`wait_idle`, :meth:`begin_shutdown`."""
 
     def __init__(
         self,
