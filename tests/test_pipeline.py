@@ -518,7 +518,8 @@ def test_unreadable_queue_items_never_stop_the_worker(
 def test_eta_is_honoured_and_an_expired_task_refused(
     sim: Sim, start_worker: Callable[..., Worker], producer: Producer, queue: str
 ) -> None:
-    """A countdown delays the task (it waits in the engine); a task past its expiry is refused."""
+    """A countdown delays the task (it waits in the engine); a task past its expiry, or whose eta lies
+    beyond what the visibility timeout allows, is refused."""
     from datetime import UTC, datetime, timedelta
 
     ids = sim.seed(2)
@@ -533,9 +534,13 @@ def test_eta_is_honoured_and_an_expired_task_refused(
         queue=queue,
         expires=datetime.now(UTC) - timedelta(seconds=1),
     )
-    wait_until(lambda: worker.count("vbs_deleter_rejected_tasks_total") == 1, 20, "the expired task refused")
+    producer._app.send_task(  # Redis would redeliver it long before then
+        "vbs.delete_backup", kwargs={"project_id": PROJECT, "backup_id": ids[1]}, queue=queue, countdown=10**6
+    )
+    wait_until(lambda: worker.count("vbs_deleter_rejected_tasks_total") == 2, 20, "two tasks refused")
     assert sim.stats()["requests"]["delete"] == 0  # the other waits for its eta
     worker.wait_for_deletions(1)
     assert time.time() - sent >= 2
-    assert by_label(worker.metrics(), "vbs_deleter_rejected_tasks_total", "reason") == {"expired": 1}
+    refused = by_label(worker.metrics(), "vbs_deleter_rejected_tasks_total", "reason")
+    assert refused == {"expired": 1, "eta_too_far": 1}
     assert sim.stats()["requests"]["delete"] == 1

@@ -28,7 +28,6 @@ IN_BACKOFF = {
     "VBS_CONCURRENCY": "8",
     "VBS_HEARTBEAT_INTERVAL": "1",
     "VBS_VISIBILITY_TIMEOUT": "600",
-    "VBS_JOB_DEADLINE": "60",  # counts into the unacked time checked against the visibility timeout
 }
 
 

@@ -4,7 +4,8 @@ The loop owns the aiohttp session, the status listener (worker/http_server.py) a
 The consumer hands it validated requests with :meth:`Engine.dispatch`, which returns at once; the request's
 callback runs when every deletion of it is settled (accepted, gone, failed, duplicate or interrupted), and
 the task is acknowledged then. An accepted deletion is then followed to its end in the background (up to
-``settings.max_following`` at once), which records the final outcome in the ledger and the metrics.
+``settings.max_following`` at once; more are parked in Redis, and adopted as slots free), which records the
+final outcome in the ledger and the metrics.
 
 Bounds per process: at most ``settings.concurrency`` HTTP requests in flight, and at most
 ``LIVE_PER_SLOT * concurrency`` deletions between their claim and their delete's answer, however many IDs
@@ -54,6 +55,7 @@ from worker.vbs import VbsClient
 log = logs.get("engine")
 T = TypeVar("T")
 _REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+ADOPT_BATCH = 100  # follow-ups adopted per Lua call
 LIVE_PER_SLOT = 16  # deletions past their claim per HTTP slot: enough to keep the slots busy, few in memory
 
 
@@ -253,20 +255,22 @@ class Engine:
             await asyncio.sleep(interval)
 
     async def _adopt_orphans(self) -> None:
-        """Every heartbeat interval, follow the pending jobs of workers that died (see Ledger.adopt)."""
+        """Every heartbeat interval, follow parked follow-ups and those of workers that died (see
+        Ledger.adopt), as many as the free follow slots allow."""
         interval = self._settings.heartbeat_interval
         while not self._stopping:
             await asyncio.sleep(interval)
             try:
-                await self._adopt_some(time.time() - 3 * interval)
+                while await self._adopt_some(time.time() - 3 * interval) == ADOPT_BATCH:
+                    pass
             except _REDIS_ERRORS as exc:
                 log.warning("could not look for orphaned follow-ups: %s", exc)
 
-    async def _adopt_some(self, stale_before: float) -> None:
-        """Adopt as many orphaned follow-ups as free follow slots allow (at most 100 per call)."""
+    async def _adopt_some(self, stale_before: float) -> int:
+        """Adopt up to ADOPT_BATCH follow-ups, as far as free follow slots allow; returns how many."""
         assert self._ledger is not None and self._following is not None
         slots = 0
-        while slots < 100 and not self._following.locked():
+        while slots < ADOPT_BATCH and not self._following.locked():
             await self._following.acquire()
             slots += 1
         records = []
@@ -294,8 +298,9 @@ class Engine:
                 self._following.release()
                 await self._record(project_id, accepted, request_id or None, follow="end")
                 continue
-            log.info("following up an accepted deletion of a worker that died", extra={"ctx": ctx})
+            log.info("following up a parked deletion, or one of a worker that died", extra={"ctx": ctx})
             self._spawn(self._follow_up(accepted, read, project_id, request_id or None, ctx))
+        return len(records)
 
     async def _until_redis(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run a Redis operation, waiting out outages (backoff up to 5 s): no record is ever lost."""
@@ -488,7 +493,7 @@ class Engine:
 
     async def _delete_one(self, project_id: str, backup_id: str, request_id: str | None) -> DeletionResult:
         """Claim the backup in the ledger, delete it, record the result (and a dead letter if it failed);
-        an accepted deletion is then followed in the background (a follow slot is taken before sending)."""
+        an accepted deletion is then followed in the background, or parked when every follow slot is taken."""
         assert self._ledger is not None and self._following is not None
         ledger = self._ledger
         ctx: dict[str, object] = {
@@ -512,16 +517,8 @@ class Engine:
             log.info("duplicate skipped (%s: %s)", verdict, detail, extra={"ctx": ctx})
             metrics.DELETIONS.labels("duplicate").inc()
             return DeletionResult(backup_id, "duplicate", f"duplicate_{verdict}", 0, None)
-        following = self._settings.follow_jobs
         try:
-            if following:
-                await self._interruptible(self._following.acquire)
-            try:
-                result = await self._send(project_id, backup_id, ctx)
-            except BaseException:
-                if following:
-                    self._following.release()
-                raise
+            result = await self._send(project_id, backup_id, ctx)
         except (asyncio.CancelledError, Interrupted) as exc:
             await self._until_redis(lambda: ledger.release(project_id, backup_id))
             if isinstance(exc, asyncio.CancelledError):
@@ -532,10 +529,13 @@ class Engine:
         if result.outcome == "accepted":
             assert result.answer is not None
             read = self._job_reader(project_id, backup_id, result.answer, ctx)
-        if following and read is None:
-            self._following.release()
-        await self._record(project_id, result, request_id, follow=None if read is None else "start")
-        if read is not None:
+        if read is None:
+            await self._record(project_id, result, request_id)
+        elif self._following.locked():  # every follow slot taken: park it in Redis, adopted when one frees
+            await self._record(project_id, result, request_id, follow="park")
+        else:
+            await self._following.acquire()  # free: returns at once
+            await self._record(project_id, result, request_id, follow="start")
             self._spawn(self._follow_up(result, read, project_id, request_id, dict(ctx)))
         return result
 
@@ -543,11 +543,12 @@ class Engine:
         self, project_id: str, result: DeletionResult, request_id: str | None, follow: str | None = None
     ) -> None:
         """Write ``result`` to the ledger (with a dead letter if it failed) and count it. ``follow``
-        "start": its job is followed from now, so the record says ``job_status`` pending and the count
-        waits for "end", when the follow-up records the job's outcome (its attempts are in already)."""
+        "start" (followed from now) or "park" (to be adopted when a follow slot frees): the record says
+        ``job_status`` pending and the count waits for "end", when the follow-up records the job's outcome
+        (its attempts are in already). See Ledger.finish."""
         assert self._ledger is not None
         ledger = self._ledger
-        following = follow == "start"
+        following = follow in ("start", "park")
         answer, job = result.answer, result.job
         assert answer is not None
         failed_job = job is not None and job.status != "success"

@@ -125,7 +125,8 @@ class Ledger:
         follow: str | None = None,
     ) -> None:
         """Record a state and the dead letter, if any (pipelined with other calls). ``follow``: "start"
-        (accepted, its job followed by this worker from now: see :meth:`adopt`) or "end" (the job ended)."""
+        (accepted, its job followed by this worker from now), "park" (accepted, its job to be followed by
+        whichever worker has a free slot first: see :meth:`adopt`) or "end" (the job ended)."""
         key = keys.ledger(project_id, backup_id)
         attempts = int(str(update.get("attempts", 0)))
         owner = self.owner if follow == "start" else ""
@@ -137,8 +138,8 @@ class Ledger:
             pipe.hset(key, mapping=fields)
             pipe.hincrby(key, "attempts", attempts)
             pipe.expire(key, self._ttl)
-            if follow == "start":
-                pipe.zadd(keys.FOLLOWING, {key: now})
+            if follow in ("start", "park"):  # parked entries score 0: adoptable at once
+                pipe.zadd(keys.FOLLOWING, {key: now if follow == "start" else 0})
             elif follow == "end":
                 pipe.zrem(keys.FOLLOWING, key)
             count = 3 + (follow is not None)

@@ -139,7 +139,7 @@ class Settings(BaseModel):
         10000,
         ge=1,
         le=1_000_000,
-        description="deletions followed to their end at once per worker process; more wait before sending",
+        description="deletions followed to their end at once per worker process; more are parked in Redis",
     )
     recent_jobs: int = Field(
         50, ge=0, le=1000, description="job IDs kept as vbs_deleter_recent_job_info series (last N)"
@@ -158,9 +158,8 @@ class Settings(BaseModel):
     def longest_unacked(self) -> float:
         """Upper bound, in seconds, on how long a task message stays unacknowledged.
 
-        One deletion: its transient attempts with their backoffs, its throttle waits, and (follow-up on)
-        waiting for a follow-up slot, which the oldest follow-up frees by ``job_deadline`` (plus the poll
-        under way then); the follow-up itself runs after the task is acknowledged. A task may also
+        One deletion: its transient attempts with their backoffs and its throttle waits; its job follow-up
+        runs after the task is acknowledged (parked in Redis when no follow slot is free). A task may also
         queue behind the others this process has reserved (one per thread, up to 1000 IDs each) drawing
         from the shared rate; the bound assumes this process gets the whole rate limit. A redelivered claim
         is only taken over once its dead owner's heartbeat (3 intervals) has expired.
@@ -170,8 +169,7 @@ class Settings(BaseModel):
             self.attempt_timeout + max(self.retry_after_max, self.backoff_max)
         )
         queued = self.concurrency * 1000 / self.rate_limit if self.rate_limit > 0 else 0.0
-        following = self.job_deadline + self.attempt_timeout if self.follow_jobs else 0.0
-        return attempts + throttled + queued + following + 3 * self.heartbeat_interval
+        return attempts + throttled + queued + 3 * self.heartbeat_interval
 
     def stop_timeout(self) -> float:
         """Upper bound, in seconds, from SIGTERM to the worker's exit: the grace, then one HTTP attempt
@@ -190,7 +188,7 @@ class Settings(BaseModel):
                 f"VBS_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must exceed the longest time a task "
                 f"can stay unacknowledged ({longest:.0f}s from VBS_MAX_ATTEMPTS, VBS_CONNECT_TIMEOUT, "
                 "VBS_READ_TIMEOUT, VBS_BACKOFF_MAX, VBS_MAX_THROTTLE_WAITS, VBS_RETRY_AFTER_MAX, "
-                "VBS_CONCURRENCY, VBS_RATE_LIMIT, VBS_JOB_DEADLINE, VBS_HEARTBEAT_INTERVAL): "
+                "VBS_CONCURRENCY, VBS_RATE_LIMIT, VBS_HEARTBEAT_INTERVAL): "
                 "raise it or lower those"
             )
 

@@ -217,11 +217,22 @@ def _open(message: Any) -> tuple[dict[str, Any], list[Any]]:
 
 
 def _not_before(headers: dict[str, Any]) -> float:
-    """Unix time a task may start (its eta; 0 without one); raises ``expired`` past its ``expires``."""
+    """Unix time a task may start (its eta; 0 without one). Raises ``expired`` past its ``expires``, and
+    ``eta_too_far`` for an eta so far away that Redis would redeliver the task while it waits."""
+    now = time.time()
     expires = _unix_time(headers.get("expires"))
-    if expires and expires <= time.time():
+    if expires and expires <= now:
         raise InvalidTask("expired", f"the task expired at {headers['expires']}")
-    return _unix_time(headers.get("eta"))
+    eta = _unix_time(headers.get("eta"))
+    horizon = settings.visibility_timeout - settings.longest_unacked()
+    if eta - now > horizon:
+        raise InvalidTask(
+            "eta_too_far",
+            f"eta {headers['eta']} is {eta - now:.0f}s away, but a reserved task must be done within "
+            f"{horizon:.0f}s (VBS_VISIBILITY_TIMEOUT minus the longest unacknowledged time) or Redis "
+            "redelivers it: send it nearer its time, or raise VBS_VISIBILITY_TIMEOUT",
+        )
+    return eta
 
 
 def _unix_time(value: str | None) -> float:
