@@ -554,7 +554,7 @@ class Engine:
         failed_job = job is not None and job.status != "success"
         error_code = job.error_code if job is not None and failed_job else answer.error_code
         message = job.fail_reason if job is not None and failed_job else answer.message
-        update = {
+        update: dict[str, object] = {
             "attempts": 0 if follow == "end" else result.attempts,
             "status": answer.status,
             "error_code": error_code,
@@ -564,6 +564,8 @@ class Engine:
             "job_status": "pending" if following else job.status if job is not None else None,
             "reason": result.reason,
         }
+        if follow == "end" and result.outcome == "accepted":  # confirmed: the rest is recorded already
+            update = {"job_status": update["job_status"]}
         letter = None
         if result.outcome == "failed":
             letter = DeadLetter(

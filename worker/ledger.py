@@ -136,13 +136,14 @@ class Ledger:
 
         def add(pipe: Pipeline) -> int:
             pipe.hset(key, mapping=fields)
-            pipe.hincrby(key, "attempts", attempts)
             pipe.expire(key, self._ttl)
+            if attempts:
+                pipe.hincrby(key, "attempts", attempts)
             if follow in ("start", "park"):  # parked entries score 0: adoptable at once
                 pipe.zadd(keys.FOLLOWING, {key: now if follow == "start" else 0})
             elif follow == "end":
                 pipe.zrem(keys.FOLLOWING, key)
-            count = 3 + (follow is not None)
+            count = 2 + bool(attempts) + (follow is not None)
             return count + (_add_dead_letter(pipe, dead_letter) if dead_letter is not None else 0)
 
         await self._batch.run(add)
