@@ -534,13 +534,21 @@ def test_eta_is_honoured_and_an_expired_task_refused(
         queue=queue,
         expires=datetime.now(UTC) - timedelta(seconds=1),
     )
+    producer._app.send_task(  # expires while it waits for its eta
+        "vbs.delete_backup",
+        kwargs={"project_id": PROJECT, "backup_id": ids[1]},
+        queue=queue,
+        countdown=2,
+        expires=datetime.now(UTC) + timedelta(seconds=1),
+    )
     producer._app.send_task(  # Redis would redeliver it long before then
         "vbs.delete_backup", kwargs={"project_id": PROJECT, "backup_id": ids[1]}, queue=queue, countdown=10**6
     )
-    wait_until(lambda: worker.count("vbs_deleter_rejected_tasks_total") == 2, 20, "two tasks refused")
+    wait_until(lambda: worker.count("vbs_deleter_rejected_tasks_total") == 2, 20, "two refused at once")
     assert sim.stats()["requests"]["delete"] == 0  # the other waits for its eta
     worker.wait_for_deletions(1)
     assert time.time() - sent >= 2
+    wait_until(lambda: worker.count("vbs_deleter_rejected_tasks_total") == 3, 20, "three tasks refused")
     refused = by_label(worker.metrics(), "vbs_deleter_rejected_tasks_total", "reason")
-    assert refused == {"expired": 1, "eta_too_far": 1}
+    assert refused == {"expired": 2, "eta_too_far": 1}
     assert sim.stats()["requests"]["delete"] == 1

@@ -134,13 +134,18 @@ class Engine:
         self._loop = self._thread = None
 
     def dispatch(
-        self, request: DeletionRequest, settled: Callable[[Settled], object], not_before: float = 0.0
+        self,
+        request: DeletionRequest,
+        settled: Callable[[Settled], object],
+        not_before: float = 0.0,
+        expires: float = 0.0,
     ) -> None:
         """Thread-safe, returns at once: delete every backup of ``request``, not before Unix time
-        ``not_before``; ``settled(future)`` is called in the loop thread when every deletion is settled."""
+        ``not_before``; ``settled(future)`` is called in the loop thread when every deletion is settled.
+        A task past Unix time ``expires`` (0: never) when its eta comes settles as all ``expired``."""
         if self._loop is None:
             raise RuntimeError("engine not started")
-        future = asyncio.run_coroutine_threadsafe(self._run_request(request, not_before), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._run_request(request, not_before, expires), self._loop)
         future.add_done_callback(settled)
 
     def wait_idle(self, timeout: float) -> bool:
@@ -326,7 +331,7 @@ class Engine:
             await asyncio.wait(set(self._busy), timeout=deadline - time.monotonic())
         return not self._busy
 
-    async def _run_request(self, request: DeletionRequest, not_before: float) -> Outcomes:
+    async def _run_request(self, request: DeletionRequest, not_before: float, expires: float) -> Outcomes:
         untrack = self._track()
         try:
             delay = not_before - time.time()
@@ -335,6 +340,8 @@ class Engine:
                     await self._interruptible(functools.partial(asyncio.sleep, delay))
                 except Interrupted:
                     return collections.Counter(interrupted=len(request.backup_ids))
+                if expires and time.time() >= expires:
+                    return collections.Counter(expired=len(request.backup_ids))
             return await self._delete_all(request)
         except Exception as exc:  # a bug: record the task rather than lose it silently
             log.exception("task failed inside the engine", extra={"ctx": {"request_id": request.request_id}})

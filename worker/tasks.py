@@ -90,13 +90,13 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
             task_name, task_id, (args, kwargs, _) = headers["task"], headers["id"], body
             try:
                 request = validate(task_name, tuple(args), kwargs)
-                not_before = _not_before(headers)
+                not_before, expires = _schedule(headers)
             except InvalidTask as problem:
                 _record_refusal("task", problem, task_name, task_id, kwargs)
                 message.ack()
                 return
             settled = functools.partial(self._settled, message, task_name, task_id, len(request.backup_ids))
-            engine().dispatch(request, settled, not_before)
+            engine().dispatch(request, settled, not_before, expires)
 
         return on_message
 
@@ -104,10 +104,16 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         """In the engine's loop thread: ack the task (or requeue it if the shutdown deadline cut it short),
         from the consumer's hub thread."""
         try:
-            unfinished = future.result()["interrupted"]
+            outcomes = future.result()
         except BaseException as exc:  # the engine stopped under it: Redis redelivers the message
             log.warning("task left unacknowledged: %r", exc, extra={"ctx": {"task_id": task_id}})
             return
+        if outcomes["expired"]:
+            self.call_soon_ack(
+                _refuse, message, InvalidTask("expired", "the task expired waiting for its eta")
+            )
+            return
+        unfinished = outcomes["interrupted"]
         if unfinished:
             log.warning(
                 "task returned to the queue at shutdown: %d of %d deletions unfinished",
@@ -216,9 +222,10 @@ def _open(message: Any) -> tuple[dict[str, Any], list[Any]]:
     return message.headers, body
 
 
-def _not_before(headers: dict[str, Any]) -> float:
-    """Unix time a task may start (its eta; 0 without one). Raises ``expired`` past its ``expires``, and
-    ``eta_too_far`` for an eta so far away that Redis would redeliver the task while it waits."""
+def _schedule(headers: dict[str, Any]) -> tuple[float, float]:
+    """(Unix time a task may start, Unix time it expires), each 0 when not set. Raises ``expired`` past
+    its ``expires``, and ``eta_too_far`` for an eta so far away that Redis would redeliver the task while
+    it waits."""
     now = time.time()
     expires = _unix_time(headers.get("expires"))
     if expires and expires <= now:
@@ -232,7 +239,7 @@ def _not_before(headers: dict[str, Any]) -> float:
             f"{horizon:.0f}s (VBS_VISIBILITY_TIMEOUT minus the longest unacknowledged time) or Redis "
             "redelivers it: send it nearer its time, or raise VBS_VISIBILITY_TIMEOUT",
         )
-    return eta
+    return eta, expires
 
 
 def _unix_time(value: str | None) -> float:
