@@ -129,6 +129,7 @@ def test_adopt_takes_only_pending_follow_ups_of_dead_workers(redis_url: str) -> 
             "dead": {"state": "accepted", "job_status": "pending", "owner": "w-dead", "job_id": "j1"},
             "alive": {"state": "accepted", "job_status": "pending", "owner": "w-alive", "job_id": "j2"},
             "done": {"state": "accepted", "job_status": "success", "owner": "", "job_id": "j3"},
+            "parked": {"state": "accepted", "job_status": "pending", "owner": "", "job_id": "j4"},
         }
         backups = {name: str(uuid.uuid4()) for name in records}
         for name, fields in records.items():
@@ -136,11 +137,11 @@ def test_adopt_takes_only_pending_follow_ups_of_dead_workers(redis_url: str) -> 
             await client.hset(
                 key, mapping={**fields, "project_id": P, "backup_id": backups[name], "status": "200"}
             )
-            await client.zadd(keys.FOLLOWING, {key: 100.0})
+            await client.zadd(keys.FOLLOWING, {key: 150.0 if name == "parked" else 100.0})
         await client.set(keys.heartbeat("w-alive"), "1", ex=30)
         ledger = Ledger(client, 3600, "w-new")
         assert await ledger.adopt(10, stale_before=50.0) == []  # nothing is stale yet
-        adopted = await ledger.adopt(10, stale_before=time.time())
+        adopted = await ledger.adopt(1, stale_before=time.time())  # the oldest first: the dead worker's
         assert adopted == [
             {
                 "key": keys.ledger(P, backups["dead"]),
@@ -152,10 +153,15 @@ def test_adopt_takes_only_pending_follow_ups_of_dead_workers(redis_url: str) -> 
             }
         ]
         assert await client.hget(keys.ledger(P, backups["dead"]), "owner") == b"w-new"
+        await client.set(keys.heartbeat("w-new"), "1", ex=30)  # the adopter is alive
+        assert [r["job_id"] for r in await ledger.adopt(10, stale_before=time.time())] == ["j4"]  # parked
         members = {m.decode() for m in await client.zrange(keys.FOLLOWING, 0, -1)}
-        assert members == {keys.ledger(P, backups["dead"]), keys.ledger(P, backups["alive"])}  # done dropped
+        assert members == {keys.ledger(P, backups[n]) for n in ("dead", "alive", "parked")}  # done dropped
         await client.delete(
-            keys.FOLLOWING, keys.heartbeat("w-alive"), *(keys.ledger(P, b) for b in backups.values())
+            keys.FOLLOWING,
+            keys.heartbeat("w-alive"),
+            keys.heartbeat("w-new"),
+            *(keys.ledger(P, b) for b in backups.values()),
         )
         await client.aclose()
 

@@ -210,7 +210,7 @@ class Engine:
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._live = asyncio.Semaphore(LIVE_PER_SLOT * settings.concurrency)
         self._following = asyncio.Semaphore(settings.max_following)
-        self._ledger = Ledger(self._redis, settings.ledger_ttl, self.owner)
+        self._ledger = Ledger(self._redis, settings.ledger_ttl, self.owner, 3 * settings.heartbeat_interval)
         self._limiter = RateLimiter(self._redis, "delete", settings.rate_limit, settings.rate_burst)
         self._poll_limiter = (
             RateLimiter(self._redis, "poll", settings.poll_rate_limit, settings.rate_burst)

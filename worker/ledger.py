@@ -73,10 +73,11 @@ def _fields(values: Mapping[str, object]) -> dict[str, str]:
 class Ledger:
     """Async access for the worker. ``owner`` identifies this worker process in claims and heartbeats."""
 
-    def __init__(self, client: aioredis.Redis, ttl: int, owner: str) -> None:
+    def __init__(self, client: aioredis.Redis, ttl: int, owner: str, stale_after: float = 0.0) -> None:
         self._client = client
         self._ttl = ttl
         self.owner = owner
+        self._stale_after = stale_after  # seconds before a follower not seen again is presumed dead
         self._claim = client.register_script(_CLAIM)
         self._adopt = client.register_script(_ADOPT)
         self._batch = Coalescer(client)
@@ -139,8 +140,8 @@ class Ledger:
             pipe.expire(key, self._ttl)
             if attempts:
                 pipe.hincrby(key, "attempts", attempts)
-            if follow in ("start", "park"):  # parked entries score 0: adoptable at once
-                pipe.zadd(keys.FOLLOWING, {key: now if follow == "start" else 0})
+            if follow in ("start", "park"):  # parked: adoptable at once, in time order with dead followers'
+                pipe.zadd(keys.FOLLOWING, {key: now if follow == "start" else now - self._stale_after})
             elif follow == "end":
                 pipe.zrem(keys.FOLLOWING, key)
             count = 2 + bool(attempts) + (follow is not None)

@@ -1,5 +1,6 @@
 -- Take over follow-ups nobody runs: accepted deletions whose job is still pending and that are parked (no
--- follower, scored 0) or whose follower (the record's owner) has no heartbeat any more.
+-- follower; scored as stale at once) or whose follower (the record's owner) has no heartbeat any more.
+-- Oldest first, so parked work and dead workers' work are taken in the order they were left.
 -- KEYS[1]  the following sorted set (members: ledger keys)
 -- ARGV[1]  heartbeat key prefix, ARGV[2] owner id of the adopting worker, ARGV[3] most to adopt
 -- ARGV[4]  look only at members scored before this (Unix seconds), ARGV[5] now (Unix seconds)
