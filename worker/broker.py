@@ -131,9 +131,7 @@ class GuardedChannel(kombu_redis.Channel):
             finally:
                 if tag in qos.reserved:  # refused before kombu took it in: not unacknowledged after all
                     qos.reserved.discard(tag)
-                    self._shared_client.pipeline().zrem(self.unacked_index_key, tag).hdel(
-                        self.unacked_key, tag
-                    ).execute()
+                    qos._remove_from_indices(tag).execute()
 
 
 class GuardedTransport(kombu_redis.Transport):

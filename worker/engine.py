@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -32,7 +31,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -77,7 +76,7 @@ class DeletionResult:
 
 
 Outcomes = collections.Counter[str]  # deletions of one request by outcome (DeletionResult.outcome)
-Settled = concurrent.futures.Future[Outcomes]  # of a dispatched request
+Settled = asyncio.Future[Outcomes]  # of a dispatched request
 
 
 class Engine:
@@ -116,6 +115,7 @@ class Engine:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     def start(self) -> None:
+        """Start the loop thread, open the session and the metrics listener; returns once ready."""
         if self._loop is not None:
             return
         self._loop = asyncio.new_event_loop()
@@ -145,8 +145,8 @@ class Engine:
         A task past Unix time ``expires`` (0: never) when its eta comes settles as all ``expired``."""
         if self._loop is None:
             raise RuntimeError("engine not started")
-        future = asyncio.run_coroutine_threadsafe(self._run_request(request, not_before, expires), self._loop)
-        future.add_done_callback(settled)
+        run = self._run_request(request, not_before, expires)
+        self._loop.call_soon_threadsafe(lambda: self._spawn(run).add_done_callback(settled))
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no request or follow-up is left (True), or ``timeout`` seconds pass (False)."""
@@ -266,12 +266,12 @@ class Engine:
         while not self._stopping:
             await asyncio.sleep(interval)
             try:
-                while await self._adopt_some(time.time() - 3 * interval) == ADOPT_BATCH:
+                while await self._adopt_some() == ADOPT_BATCH:
                     pass
             except _REDIS_ERRORS as exc:
                 log.warning("could not look for orphaned follow-ups: %s", exc)
 
-    async def _adopt_some(self, stale_before: float) -> int:
+    async def _adopt_some(self) -> int:
         """Adopt up to ADOPT_BATCH follow-ups, as far as free follow slots allow; returns how many."""
         assert self._ledger is not None and self._following is not None
         slots = 0
@@ -280,7 +280,7 @@ class Engine:
             slots += 1
         records = []
         try:
-            records = await self._ledger.adopt(slots, stale_before) if slots else []
+            records = await self._ledger.adopt(slots) if slots else []
         finally:
             for _ in range(slots - len(records)):
                 self._following.release()
@@ -298,13 +298,13 @@ class Engine:
                 "job_id": answer.job_id,
             }
             accepted = DeletionResult(backup_id, "accepted", "accepted", 0, answer)
-            read = self._job_reader(project_id, backup_id, answer, ctx)
-            if read is None:  # nothing to follow after all
+            plan = self._job_reader(project_id, backup_id, answer, ctx)
+            if plan is None:  # nothing to follow after all
                 self._following.release()
                 await self._record(project_id, accepted, request_id or None, follow="end")
                 continue
             log.info("following up a parked deletion, or one of a worker that died", extra={"ctx": ctx})
-            self._spawn(self._follow_up(accepted, read, project_id, request_id or None, ctx))
+            self._spawn(self._follow_up(accepted, plan, project_id, request_id or None, ctx))
         return len(records)
 
     async def _until_redis(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -318,13 +318,6 @@ class Engine:
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
 
-    def _track(self) -> Callable[[], None]:
-        """Count the current task as busy (see :meth:`wait_idle`); returns the call that un-counts it."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._busy.add(task)
-        return functools.partial(self._busy.discard, task)
-
     async def _idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self._busy and time.monotonic() < deadline:
@@ -332,7 +325,6 @@ class Engine:
         return not self._busy
 
     async def _run_request(self, request: DeletionRequest, not_before: float, expires: float) -> Outcomes:
-        untrack = self._track()
         try:
             delay = not_before - time.time()
             if delay > 0:  # a task with a Celery eta: wait here, holding only its message
@@ -359,8 +351,6 @@ class Engine:
             )
             await self._record_rejection([], letter)
             return collections.Counter()
-        finally:
-            untrack()
 
     async def _delete_all(self, request: DeletionRequest) -> Outcomes:
         """Start the deletions in request order as live slots free up; count how each one ended. Finished
@@ -435,9 +425,10 @@ class Engine:
 
     def _job_reader(
         self, project_id: str, backup_id: str, answer: Answer, ctx: dict[str, object]
-    ) -> Callable[[], Awaitable[Answer]] | None:
-        """The read that follows an accepted deletion (worker/jobs.py), or None when it is not followed
-        (``VBS_FOLLOW_JOBS`` off, or no usable job ID in ``cloudbackups`` mode)."""
+    ) -> tuple[str | None, Callable[[], Awaitable[Answer]]] | None:
+        """How to follow an accepted deletion (worker/jobs.py): the job ID (None in native modes, which read
+        the backup) and the read; None when it is not followed (``VBS_FOLLOW_JOBS`` off, or no usable job
+        ID in ``cloudbackups`` mode)."""
         client = self._client
         assert client is not None
         job_id = answer.job_id if self._settings.api == "cloudbackups" else None
@@ -452,21 +443,21 @@ class Engine:
             operation, read = "job", functools.partial(client.get_job, project_id, job_id)
         else:
             operation, read = "show", functools.partial(client.get_backup, project_id, backup_id)
-        return lambda: self._attempt(operation, read, backup_id, job_id)
+        return job_id, lambda: self._attempt(operation, read, backup_id, job_id)
 
     async def _follow_up(
         self,
         accepted: DeletionResult,
-        read: Callable[[], Awaitable[Answer]],
+        plan: tuple[str | None, Callable[[], Awaitable[Answer]]],
         project_id: str,
         request_id: str | None,
         ctx: dict[str, object],
     ) -> None:
-        """Follow an accepted deletion in the background, then record how it ended. Holds a follow slot,
-        released at the end. Cut short by the shutdown deadline, the record stays ``job_status`` pending."""
+        """Follow an accepted deletion in the background (``plan`` from :meth:`_job_reader`), then record
+        how it ended. Holds a follow slot, released at the end. Cut short by the shutdown deadline, the
+        record stays ``job_status`` pending."""
         assert self._following is not None
-        job_id = accepted.answer.job_id if accepted.answer is not None else None
-        followed_job = job_id if self._settings.api == "cloudbackups" else None
+        followed_job, read = plan
         metrics.FOLLOWING.inc()
         try:
             job = await jobs.follow(
@@ -492,11 +483,12 @@ class Engine:
             ended = dataclasses.replace(accepted, outcome="failed", reason=f"job_{job.status}", job=job)
         await self._record(project_id, ended, request_id, follow="end")
 
-    def _spawn(self, coroutine: Awaitable[None]) -> None:
-        """Run ``coroutine`` as a background task counted as busy (see :meth:`wait_idle`)."""
+    def _spawn(self, coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``coroutine`` as a task counted as busy until it ends (see :meth:`wait_idle`)."""
         task = asyncio.ensure_future(coroutine)
         self._busy.add(task)
         task.add_done_callback(self._busy.discard)
+        return task
 
     async def _delete_one(self, project_id: str, backup_id: str, request_id: str | None) -> DeletionResult:
         """Claim the backup in the ledger, delete it, record the result (and a dead letter if it failed);
@@ -532,18 +524,18 @@ class Engine:
                 raise
             log.info("deletion interrupted by the shutdown deadline", extra={"ctx": ctx})
             return dataclasses.replace(_interrupted(backup_id), attempts=int(str(ctx.get("attempt", 0))))
-        read = None
+        plan = None
         if result.outcome == "accepted":
             assert result.answer is not None
-            read = self._job_reader(project_id, backup_id, result.answer, ctx)
-        if read is None:
+            plan = self._job_reader(project_id, backup_id, result.answer, ctx)
+        if plan is None:
             await self._record(project_id, result, request_id)
         elif self._following.locked():  # every follow slot taken: park it in Redis, adopted when one frees
             await self._record(project_id, result, request_id, follow="park")
         else:
             await self._following.acquire()  # free: returns at once
             await self._record(project_id, result, request_id, follow="start")
-            self._spawn(self._follow_up(result, read, project_id, request_id, dict(ctx)))
+            self._spawn(self._follow_up(result, plan, project_id, request_id, dict(ctx)))
         return result
 
     async def _record(

@@ -149,11 +149,14 @@ class Ledger:
 
         await self._batch.run(add)
 
-    async def adopt(self, most: int, stale_before: float) -> list[dict[str, str]]:
-        """Take over at most ``most`` follow-ups whose follower is dead (not seen since ``stale_before``,
-        Unix seconds, and without a heartbeat); see worker/lua/adopt_follow_ups.lua. Returns their records'
-        key, project_id, backup_id, job_id, status and request_id."""
-        args = [keys.heartbeat(""), self.owner, str(most), f"{stale_before:.6f}", f"{time.time():.6f}"]
+    async def adopt(self, most: int, stale_before: float | None = None) -> list[dict[str, str]]:
+        """Take over at most ``most`` follow-ups that are parked, or whose follower is dead (not seen since
+        ``stale_before``, Unix seconds, default ``stale_after`` ago, and without a heartbeat); see
+        worker/lua/adopt_follow_ups.lua. Returns their records' key, project_id, backup_id, job_id, status
+        and request_id."""
+        now = time.time()
+        before = now - self._stale_after if stale_before is None else stale_before
+        args = [keys.heartbeat(""), self.owner, str(most), f"{before:.6f}", f"{now:.6f}"]
         flat = [_text(v) for v in await self._adopt(keys=[keys.FOLLOWING], args=args)]
         names = ("key", "project_id", "backup_id", "job_id", "status", "request_id")
         return [dict(zip(names, flat[i : i + 6], strict=True)) for i in range(0, len(flat), 6)]

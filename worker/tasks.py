@@ -231,7 +231,7 @@ def _schedule(headers: dict[str, Any]) -> tuple[float, float]:
     if expires and expires <= now:
         raise InvalidTask("expired", f"the task expired at {headers['expires']}")
     eta = _unix_time(headers.get("eta"))
-    horizon = settings.visibility_timeout - settings.longest_unacked()
+    horizon = _eta_horizon
     if eta - now > horizon:
         raise InvalidTask(
             "eta_too_far",
@@ -262,6 +262,7 @@ def _refuse(message: Any, problem: InvalidTask) -> None:
 
 settings = load_settings()
 settings.check_delivery()  # also for `celery -A worker worker`
+_eta_horizon = settings.visibility_timeout - settings.longest_unacked()  # seconds an eta may lie ahead
 logs.configure(settings)
 app = make_app(settings)
 
